@@ -1,0 +1,22 @@
+"""imp_fast: fast, trustworthy batched fixed-point solves for implicit models.
+
+Entry points:
+    solve, picard, anderson      batched Picard / Anderson with per-sample statuses
+    SolveResult, Status, SolveError
+    imp_fast.compat.torchdeq     drop-in for torchdeq's solver functions
+"""
+from .loop import METHODS, anderson, picard, solve
+from .result import SolveError, SolveResult, Status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve",
+    "picard",
+    "anderson",
+    "SolveResult",
+    "SolveError",
+    "Status",
+    "METHODS",
+    "__version__",
+]

@@ -1,0 +1,182 @@
+"""The batched solve loop: one f evaluation and one fused step per iteration.
+
+Masks, counters, residuals and traces stay on the device; the host reads device
+state only at checks (every ``check_every`` iterations, and after the last one) to
+stop early, so the loop makes ``ceil(iterations / check_every)`` host syncs, or none
+with ``check_every=None``.
+"""
+from __future__ import annotations
+
+
+from typing import Callable, Optional
+
+import torch
+
+from .backends import get_backend
+from .result import SolveResult, Status
+from .state import LoopState, StepParams, compute_dtype
+from .validation import (
+    check_choice,
+    check_f_output,
+    check_int,
+    check_positive,
+    check_tensor,
+    reject_unknown,
+)
+
+__all__ = ["solve", "picard", "anderson", "METHODS"]
+
+METHODS = ("anderson", "picard")
+_OPTIONS = (
+    "method", "max_iter", "tol", "stop", "m", "beta", "lam", "check_every", "return_best",
+    "trace", "backend", "throw", "divergence", "eps",
+)
+
+
+def solve(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    method: str = "anderson",
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop: str = "rel",
+    m: int = 5,
+    beta: float = 1.0,
+    lam: float = 1e-4,
+    check_every: Optional[int] = 5,
+    return_best: bool = False,
+    trace: bool = False,
+    backend: str = "auto",
+    throw: bool = False,
+    divergence: float = 1e6,
+    eps: float = 1e-9,
+    **unknown,
+) -> SolveResult:
+    """Find z with f(z) = z for every sample of a batch.
+
+    Args:
+        f: maps a tensor shaped like ``z0`` to one of the same shape, dtype and device;
+            called on the whole batch once per iteration. It must treat samples
+            independently for the batch-invariance guarantee to hold.
+        z0: initial guess, batch on dim 0 (never modified).
+        method: "anderson" (type-II Anderson acceleration) or "picard".
+        max_iter: most f evaluations.
+        tol: a sample converges when its ``stop`` residual is below tol; it is then
+            frozen (its z never changes again).
+        stop: "rel" (||f(z)-z|| / (||f(z)|| + eps)) or "abs" (||f(z)-z||).
+        m: Anderson history size.
+        beta: damping, z <- (1-beta) z + beta f(z) (Anderson mixes likewise).
+        lam: Anderson ridge, relative to the newest residual's squared norm.
+        check_every: host checks for early exit every this many iterations;
+            None runs exactly max_iter iterations with no host sync (CUDA graphs).
+        return_best: return each sample's lowest-residual evaluated iterate instead of
+            its last one.
+        trace: keep ``(T, B)`` residual traces on the device.
+        backend: "auto", "reference", "cpp" or "triton".
+        throw: raise :class:`SolveError` listing the failed samples.
+        divergence: a sample whose residual exceeds this many times its first
+            residual is flagged DIVERGED and frozen.
+        eps: added to ||f(z)|| in the relative residual.
+
+    Returns:
+        :class:`SolveResult`. Runs under ``torch.no_grad()``: for gradients use
+        :func:`imp_fast.implicit_solve`.
+    """
+    reject_unknown("solve", unknown, _OPTIONS)
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    check_tensor("z0", z0)
+    check_choice("method", method, METHODS)
+    check_choice("stop", stop, ("rel", "abs"))
+    max_iter = check_int("max_iter", max_iter, minimum=1)
+    tol = check_positive("tol", tol)
+    m = check_int("m", m, minimum=1)
+    beta = check_positive("beta", beta)
+    if beta >= 2.0:
+        raise ValueError(f"beta must be in (0, 2), got {beta!r}")
+    lam = check_positive("lam", lam, allow_zero=True)
+    check_every = check_int("check_every", check_every, minimum=1, allow_none=True)
+    divergence = check_positive("divergence", divergence)
+    if divergence <= 1.0:
+        raise ValueError(f"divergence must be > 1 (a factor on the first residual), got {divergence!r}")
+    eps = check_positive("eps", eps, allow_zero=True)
+    impl = get_backend(backend, z0.device)
+
+    params = StepParams(tol=tol, beta=beta, stop_rel=(stop == "rel"), divergence=divergence, eps=eps, lam=lam)
+    shape = z0.shape
+    B = shape[0]
+    with torch.no_grad():
+        z = z0.detach().reshape(B, -1).clone(memory_format=torch.contiguous_format)
+        st = LoopState.create(z, m=m if method == "anderson" else None, return_best=return_best)
+        cdt = compute_dtype(z.dtype)
+        tr_abs = tr_rel = None
+        if trace:
+            tr_abs = torch.empty(max_iter, B, dtype=cdt, device=z.device)
+            tr_rel = torch.empty(max_iter, B, dtype=cdt, device=z.device)
+        host_syncs = 0
+        k = 0
+        for k in range(max_iter):
+            fz = f(z.view(shape))
+            check_f_output(fz, z, shape)
+            fz = fz.reshape(B, -1)
+            if not torch.compiler.is_compiling() and _shares_storage(fz, z):
+                fz = fz.clone()  # f returned (a view of) its input: we update z in place
+            if method == "anderson":
+                impl.anderson_step(st, fz, params, k % m)
+            else:
+                impl.picard_step(st, fz, params)
+            if k == 0:
+                st.abs0.copy_(st.abs_res)
+            if trace:
+                tr_abs[k].copy_(st.abs_res)
+                tr_rel[k].copy_(st.rel_res)
+            done = k + 1
+            if check_every is not None and (done % check_every == 0 or done == max_iter):
+                host_syncs += 1
+                if not bool((st.status == Status.RUNNING).any()):
+                    break
+        iterations = k + 1
+        st.status.masked_fill_(st.status == Status.RUNNING, int(Status.MAX_ITER))
+        if return_best:
+            z_out, abs_out, rel_out = st.best_z, st.best_abs, st.best_rel
+        else:
+            z_out, abs_out, rel_out = st.z, st.abs_res, st.rel_res
+    result = SolveResult(
+        z=z_out.view(shape),
+        status=st.status,
+        n_iter=st.n_iter,
+        abs_residual=abs_out,
+        rel_residual=rel_out,
+        trace_abs=None if tr_abs is None else tr_abs[:iterations],
+        trace_rel=None if tr_rel is None else tr_rel[:iterations],
+        host_syncs=host_syncs,
+        iterations=iterations,
+        method=method,
+        backend=impl.name,
+        tol=tol,
+        stop=stop,
+    )
+    if throw:
+        result.raise_on_failure()
+    return result
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def picard(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, **options) -> SolveResult:
+    """Damped fixed-point iteration: ``solve(f, z0, method="picard", **options)``."""
+    if "method" in options:
+        raise TypeError("picard() sets method='picard'; do not pass method")
+    return solve(f, z0, method="picard", **options)
+
+
+def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, **options) -> SolveResult:
+    """Anderson acceleration: ``solve(f, z0, method="anderson", **options)``."""
+    if "method" in options:
+        raise TypeError("anderson() sets method='anderson'; do not pass method")
+    return solve(f, z0, method="anderson", **options)
+
+

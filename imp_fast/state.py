@@ -1,0 +1,96 @@
+"""The per-sample loop state that every backend's step functions update in place.
+
+A backend implements two fused steps over this state (see ``backends/reference.py``
+for the ground truth):
+
+* ``picard_step(state, fz, params)``
+* ``anderson_step(state, fz, params, slot)``
+
+Both take the batch's ``fz = f(z)`` (shape ``(B, D)``), update residuals and statuses
+of the samples still running, and move only those samples' ``z`` forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["StepParams", "LoopState", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms, Gram matrices and mixing weights: float64 for float64 storage, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """Scalars shared by all steps of one solve."""
+
+    tol: float
+    beta: float
+    stop_rel: bool
+    divergence: float
+    eps: float
+    lam: float = 0.0
+
+
+@dataclass
+class LoopState:
+    """Device tensors of one solve. Shapes: B samples, D state size, m history slots.
+
+    z:        (B, D) storage dtype, the current iterates (frozen samples never change).
+    status:   (B,) int8, :class:`imp_fast.Status` codes, 0 = still running.
+    n_iter:   (B,) int32, updates made to each sample.
+    abs_res:  (B,) compute dtype, last measured ||f(z) - z||.
+    rel_res:  (B,) compute dtype, abs_res / (||f(z)|| + eps).
+    abs0:     (B,) compute dtype, the first residual (divergence reference; +inf
+              before the first step so the first step never flags divergence).
+    best_z, best_abs, best_rel: lowest-residual iterate so far (``return_best`` only).
+    F, G:     (B, m, D) storage dtype, Anderson ring buffers of f-values and residuals
+              f(z) - z; unwritten slots are zero.
+    H:        (B, m, m) compute dtype, Gram matrix G G^T, kept current by one new
+              row/column per step; unwritten diagonal entries hold a huge value so
+              their mixing weights are (numerically) zero.
+    """
+
+    z: torch.Tensor
+    status: torch.Tensor
+    n_iter: torch.Tensor
+    abs_res: torch.Tensor
+    rel_res: torch.Tensor
+    abs0: torch.Tensor
+    best_z: Optional[torch.Tensor] = None
+    best_abs: Optional[torch.Tensor] = None
+    best_rel: Optional[torch.Tensor] = None
+    F: Optional[torch.Tensor] = None
+    G: Optional[torch.Tensor] = None
+    H: Optional[torch.Tensor] = None
+
+    # Weight of unwritten Gram diagonal entries: large enough that their weight
+    # 1/UNSET_DIAG vanishes next to real ones, small enough to stay finite in float32.
+    UNSET_DIAG = 1e30
+
+    @classmethod
+    def create(cls, z: torch.Tensor, *, m: Optional[int], return_best: bool) -> "LoopState":
+        B, D = z.shape
+        cdt = compute_dtype(z.dtype)
+        dev = z.device
+        st = cls(
+            z=z,
+            status=torch.zeros(B, dtype=torch.int8, device=dev),
+            n_iter=torch.zeros(B, dtype=torch.int32, device=dev),
+            abs_res=torch.zeros(B, dtype=cdt, device=dev),
+            rel_res=torch.zeros(B, dtype=cdt, device=dev),
+            abs0=torch.full((B,), float("inf"), dtype=cdt, device=dev),
+        )
+        if return_best:
+            st.best_z = z.clone()
+            st.best_abs = torch.full((B,), float("inf"), dtype=cdt, device=dev)
+            st.best_rel = torch.full((B,), float("inf"), dtype=cdt, device=dev)
+        if m is not None:
+            st.F = torch.zeros(B, m, D, dtype=z.dtype, device=dev)
+            st.G = torch.zeros(B, m, D, dtype=z.dtype, device=dev)
+            st.H = torch.diag_embed(torch.full((B, m), cls.UNSET_DIAG, dtype=cdt, device=dev)).contiguous()
+        return st
