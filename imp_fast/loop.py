@@ -117,10 +117,10 @@ def solve(
         host_syncs = 0
         k = 0
         for k in range(max_iter):
-            fz = f(z.view(shape))
-            check_f_output(fz, z, shape)
+            fz = f(st.z.view(shape))
+            check_f_output(fz, st.z, shape)
             fz = fz.reshape(B, -1)
-            if not torch.compiler.is_compiling() and _shares_storage(fz, z):
+            if not torch.compiler.is_compiling() and _shares_storage(fz, st.z):
                 fz = fz.clone()  # f returned (a view of) its input: we update z in place
             if method == "anderson":
                 impl.anderson_step(st, fz, params, k % m)

@@ -62,7 +62,9 @@ def reject_unknown(func: str, kwargs: dict, known: Iterable[str]) -> None:
     known = sorted(known)
     parts = []
     for k in kwargs:
-        close = difflib.get_close_matches(k, known, n=1)
+        # A prefix ('tolerance' -> 'tol') is a better hint than edit distance.
+        close = sorted((o for o in known if k.startswith(o) or o.startswith(k)), key=len, reverse=True)
+        close = close or difflib.get_close_matches(k, known, n=1)
         parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     raise TypeError(
         f"{func}() got unknown keyword argument(s) {', '.join(parts)}; accepted options are: {', '.join(known)}"

@@ -48,15 +48,14 @@ def _load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
     if name not in _cache:
         try:
             mod = importlib.import_module(_MODULES[name])
-        except Exception as exc:  # a missing backend is reported, never a crash at import
-            _cache[name] = (None, f"{type(exc).__name__}: {exc}")
-        else:
             why = getattr(mod, "unavailable_reason", lambda: None)()
             if why:
                 _cache[name] = (None, why)
             else:
                 devs = tuple(getattr(mod, "DEVICES", ("cpu", "cuda")))
                 _cache[name] = (Backend(mod.NAME, mod.picard_step, mod.anderson_step, devs), None)
+        except Exception as exc:  # a missing backend is reported, never a crash at import
+            _cache[name] = (None, f"{type(exc).__name__}: {exc}")
     return _cache[name]
 
 

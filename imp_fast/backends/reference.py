@@ -2,44 +2,64 @@
 
 This is the ground truth every other backend is tested against, and the fallback on
 any device. It is also written to be cheap in op count, since at small sizes the
-per-op dispatch cost is what a solve spends its time on.
+per-op dispatch cost is what a solve spends its time on: constants are cached, no
+Python scalars go through ``torch.where``, casts happen only when dtypes differ.
 """
 from __future__ import annotations
+
+from typing import Dict, Tuple
 
 import torch
 
 from ..result import Status
-from ..state import LoopState, StepParams, compute_dtype
+from ..state import LoopState, StepParams
 
 __all__ = ["picard_step", "anderson_step", "NAME"]
 
 NAME = "reference"
 
-_CONVERGED = int(Status.CONVERGED)
-_DIVERGED = int(Status.DIVERGED)
-_NONFINITE = int(Status.NONFINITE)
+_consts: Dict[Tuple, Tuple[torch.Tensor, ...]] = {}
+
+
+def _codes(device: torch.device) -> Tuple[torch.Tensor, ...]:
+    key = ("codes", device)
+    if key not in _consts:
+        _consts[key] = tuple(
+            torch.tensor(int(s), dtype=torch.int8, device=device)
+            for s in (Status.RUNNING, Status.CONVERGED, Status.DIVERGED, Status.NONFINITE)
+        )
+    return _consts[key]
+
+
+def _eye_ones(m: int, B: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    key = ("eye", m, B, dtype, device)
+    if key not in _consts:
+        _consts[key] = (torch.eye(m, dtype=dtype, device=device), torch.ones(B, m, dtype=dtype, device=device))
+    return _consts[key]
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams):
     """Shared head of every step: residuals, new statuses, masks.
 
-    Returns (g, still_running) where g = f(z) - z in compute dtype and
-    still_running is the (B,) mask of samples whose z moves this step.
+    Returns (g, still) where g = f(z) - z in compute dtype and still is the (B,) mask
+    of samples that keep running, i.e. whose z moves this step.
     """
-    cdt = compute_dtype(st.z.dtype)
-    g = fz.to(cdt) - st.z.to(cdt)
+    cdt = st.abs_res.dtype
+    g = _cast(fz, cdt) - _cast(st.z, cdt)
     abs_r = torch.linalg.vector_norm(g, dim=1)
     rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1, dtype=cdt) + p.eps)
     res = rel_r if p.stop_rel else abs_r
     running = st.status == 0
-    # One code per sample; NaN compares False everywhere, so order the tests so NaN
-    # and Inf residuals land on NONFINITE.
-    code = torch.where(
-        res < p.tol,
-        _CONVERGED,
-        torch.where(abs_r > p.divergence * st.abs0, _DIVERGED, 0),
-    )
-    code = torch.where(torch.isfinite(abs_r), code, _NONFINITE).to(torch.int8)
+    zero, conv, div, nonfin = _codes(st.status.device)
+    # Test order fixes the precedence NONFINITE > CONVERGED > DIVERGED; (x - x) != 0
+    # is True exactly for NaN and +-Inf (cheaper than isfinite).
+    code = torch.where(abs_r > p.divergence * st.abs0, div, zero)
+    code = torch.where(res < p.tol, conv, code)
+    code = torch.where((abs_r - abs_r) != 0, nonfin, code)
     if st.best_z is not None:
         better = running & (res < (st.best_rel if p.stop_rel else st.best_abs))
         st.best_z.copy_(torch.where(better[:, None], st.z, st.best_z))
@@ -56,7 +76,7 @@ def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams):
 def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
     g, still = _residuals_and_status(st, fz, p)
-    z_new = (st.z.to(g.dtype) + p.beta * g).to(st.z.dtype)
+    z_new = _cast(torch.add(_cast(st.z, g.dtype), g, alpha=p.beta), st.z.dtype)
     st.z.copy_(torch.where(still[:, None], z_new, st.z))
 
 
@@ -67,27 +87,28 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     Gram matrix H = G G^T, solves (H + lam*||g||^2 I) a = 1 and normalises a to sum 1
     (the bordered system's solution), then mixes
     z <- sum_i a_i (F_i - (1 - beta) G_i). A sample whose small system is singular or
-    whose mix is not finite takes a damped Picard step instead.
+    whose mix is not finite takes the damped Picard step z + beta g instead.
     """
     g, still = _residuals_and_status(st, fz, p)
     F, G, H = st.F, st.G, st.H
     cdt = H.dtype
-    F[:, slot] = fz
-    G[:, slot] = g
-    row = torch.bmm(G.to(cdt), g.unsqueeze(2)).squeeze(2)  # (B, m): g . G_i
-    H[:, slot, :] = row
-    H[:, :, slot] = row
+    B, m = H.shape[0], H.shape[1]
+    F.select(1, slot).copy_(fz)
+    G.select(1, slot).copy_(g)
+    # vecdot beats bmm for this (B, m, D) x (B, D) product on CPU at every size tried.
+    row = torch.linalg.vecdot(_cast(G, cdt), g.unsqueeze(1))  # (B, m): G_i . g
+    H.select(1, slot).copy_(row)
+    H.select(2, slot).copy_(row)
+    eye, ones = _eye_ones(m, B, cdt, H.device)
     # Ridge relative to the newest residual's squared norm, i.e. to the Gram's scale.
-    ridge = (p.lam * row[:, slot]).view(-1, 1, 1)
-    eye = torch.eye(H.shape[1], dtype=cdt, device=H.device)
-    a, info = torch.linalg.solve_ex(torch.addcmul(H, ridge, eye), torch.ones_like(row))
-    a = a / a.sum(dim=1, keepdim=True)
-    a3 = a.unsqueeze(1)
-    mix = torch.bmm(a3, F.to(cdt))
+    ridge = (p.lam * row.select(1, slot)).view(B, 1, 1)
+    a, info = torch.linalg.solve_ex(torch.addcmul(H, ridge, eye), ones)
+    a = (a / a.sum(dim=1, keepdim=True)).unsqueeze(1)
+    mix = torch.bmm(a, _cast(F, cdt))
     if p.beta != 1.0:
-        mix = torch.baddbmm(mix, a3, G.to(cdt), alpha=-(1.0 - p.beta))
+        mix = torch.baddbmm(mix, a, _cast(G, cdt), alpha=-(1.0 - p.beta))
     mix = mix.squeeze(1)
-    ok = (info == 0) & torch.isfinite(mix.sum(dim=1))
-    picard = st.z.to(cdt) + p.beta * g
-    z_new = torch.where(ok[:, None], mix, picard).to(st.z.dtype)
-    st.z.copy_(torch.where(still[:, None], z_new, st.z))
+    s = mix.sum(dim=1)
+    ok = (info == 0) & ((s - s) == 0)
+    z_new = torch.where(ok[:, None], mix, torch.add(_cast(st.z, cdt), g, alpha=p.beta))
+    st.z.copy_(torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z))
