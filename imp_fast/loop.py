@@ -27,9 +27,12 @@ from .validation import (
 __all__ = ["solve", "picard", "anderson", "METHODS"]
 
 METHODS = ("anderson", "picard")
+# Plain ints: torch.compile does not trace tensor comparisons with IntEnum members.
+_RUNNING = int(Status.RUNNING)
+_MAX_ITER = int(Status.MAX_ITER)
 _OPTIONS = (
     "method", "max_iter", "tol", "stop", "m", "beta", "lam", "check_every", "return_best",
-    "trace", "backend", "throw", "divergence", "eps",
+    "trace", "backend", "throw", "divergence", "eps", "cuda_graph",
 )
 
 
@@ -51,6 +54,7 @@ def solve(
     throw: bool = False,
     divergence: float = 1e6,
     eps: float = 1e-9,
+    cuda_graph: bool = False,
     **unknown,
 ) -> SolveResult:
     """Find z with f(z) = z for every sample of a batch.
@@ -78,12 +82,24 @@ def solve(
         divergence: a sample whose residual exceeds this many times its first
             residual is flagged DIVERGED and frozen.
         eps: added to ||f(z)|| in the relative residual.
+        cuda_graph: capture the whole fixed-iteration loop (f included) in a CUDA
+            graph on the first call and replay it on later calls with the same f,
+            shapes and options (implies ``check_every=None``; CUDA tensors only; f
+            must be capturable). See :mod:`imp_fast.graph`.
 
     Returns:
         :class:`SolveResult`. Runs under ``torch.no_grad()``: for gradients use
         :func:`imp_fast.implicit_solve`.
     """
     reject_unknown("solve", unknown, _OPTIONS)
+    if cuda_graph:
+        from .graph import solve_graphed
+
+        return solve_graphed(
+            f, z0, method=method, max_iter=max_iter, tol=tol, stop=stop, m=m, beta=beta, lam=lam,
+            return_best=return_best, trace=trace, backend=backend, throw=throw,
+            divergence=divergence, eps=eps,
+        )
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     check_tensor("z0", z0)
@@ -134,10 +150,10 @@ def solve(
             done = k + 1
             if check_every is not None and (done % check_every == 0 or done == max_iter):
                 host_syncs += 1
-                if not bool((st.status == Status.RUNNING).any()):
+                if not bool((st.status == _RUNNING).any()):
                     break
         iterations = k + 1
-        st.status.masked_fill_(st.status == Status.RUNNING, int(Status.MAX_ITER))
+        st.status.masked_fill_(st.status == _RUNNING, _MAX_ITER)
         if return_best:
             z_out, abs_out, rel_out = st.best_z, st.best_abs, st.best_rel
         else:

@@ -100,3 +100,8 @@ def test_explicit_unavailable_backend_is_a_clear_error():
         pytest.skip("every backend is available here")
     with pytest.raises(BackendUnavailable, match=f"backend {missing[0]!r} is not available"):
         imp_fast.solve(f_ok, torch.ones(1, 1), backend=missing[0])
+
+
+def test_cuda_graph_needs_a_cuda_tensor():
+    with pytest.raises(ValueError, match="CUDA"):
+        imp_fast.solve(f_ok, torch.ones(2, 2), cuda_graph=True)
