@@ -60,14 +60,15 @@ def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams):
     code = torch.where(abs_r > p.divergence * st.abs0, div, zero)
     code = torch.where(res < p.tol, conv, code)
     code = torch.where((abs_r - abs_r) != 0, nonfin, code)
+    # where(..., out=x) with x also an input is safe: it is elementwise.
     if st.best_z is not None:
         better = running & (res < (st.best_rel if p.stop_rel else st.best_abs))
-        st.best_z.copy_(torch.where(better[:, None], st.z, st.best_z))
-        st.best_abs.copy_(torch.where(better, abs_r, st.best_abs))
-        st.best_rel.copy_(torch.where(better, rel_r, st.best_rel))
-    st.abs_res.copy_(torch.where(running, abs_r, st.abs_res))
-    st.rel_res.copy_(torch.where(running, rel_r, st.rel_res))
-    st.status.copy_(torch.where(running, code, st.status))
+        torch.where(better[:, None], st.z, st.best_z, out=st.best_z)
+        torch.where(better, abs_r, st.best_abs, out=st.best_abs)
+        torch.where(better, rel_r, st.best_rel, out=st.best_rel)
+    torch.where(running, abs_r, st.abs_res, out=st.abs_res)
+    torch.where(running, rel_r, st.rel_res, out=st.rel_res)
+    torch.where(running, code, st.status, out=st.status)
     still = st.status == 0
     st.n_iter.add_(still)
     return g, still
@@ -77,7 +78,7 @@ def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
     g, still = _residuals_and_status(st, fz, p)
     z_new = _cast(torch.add(_cast(st.z, g.dtype), g, alpha=p.beta), st.z.dtype)
-    st.z.copy_(torch.where(still[:, None], z_new, st.z))
+    torch.where(still[:, None], z_new, st.z, out=st.z)
 
 
 def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
@@ -111,4 +112,4 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     s = mix.sum(dim=1)
     ok = (info == 0) & ((s - s) == 0)
     z_new = torch.where(ok[:, None], mix, torch.add(_cast(st.z, cdt), g, alpha=p.beta))
-    st.z.copy_(torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z))
+    torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z, out=st.z)
