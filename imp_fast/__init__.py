@@ -8,6 +8,7 @@ Entry points:
     imp_fast.compat.torchdeq     drop-in for torchdeq's solver functions
 """
 from .autograd import BACKWARD_MODES, AdjointError, AdjointWarning, implicit_solve
+from .graph import clear_graph_cache, solve_graphed
 from .layer import ImplicitLayer
 from .loop import METHODS, anderson, picard, solve
 from .probes import LipschitzTrace, contraction_estimate, fourier_directions, fourier_radii, lipschitz_trace
@@ -24,6 +25,8 @@ __all__ = [
     "SolveError",
     "Status",
     "METHODS",
+    "solve_graphed",
+    "clear_graph_cache",
     "implicit_solve",
     "ImplicitLayer",
     "AdjointError",
