@@ -24,7 +24,9 @@ def _extensions():
         and CUDA_HOME is not None
         and os.environ.get("IMP_FAST_NO_CUDA") != "1"
     )
-    cxx = ["-O3", "-std=c++17"] if os.name != "nt" else ["/O2"]
+    # No -std flag: BuildExtension adds the one the installed torch needs (C++17 for
+    # older torch, C++20 from torch 2.14, whose headers refuse to build as C++17).
+    cxx = ["-O3"] if os.name != "nt" else ["/O2"]
     if use_cuda:
         ext = CUDAExtension(
             "imp_fast._C",

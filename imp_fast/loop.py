@@ -132,11 +132,12 @@ def solve(
             tr_rel = torch.empty(max_iter, B, dtype=cdt, device=z.device)
         host_syncs = 0
         k = 0
+        compiling = torch.compiler.is_compiling()  # once: it costs microseconds per call
         for k in range(max_iter):
             fz = f(st.z.view(shape))
             check_f_output(fz, st.z, shape)
             fz = fz.reshape(B, -1)
-            if not torch.compiler.is_compiling() and _shares_storage(fz, st.z):
+            if not compiling and _shares_storage(fz, st.z):
                 fz = fz.clone()  # f returned (a view of) its input: we update z in place
             if method == "anderson":
                 impl.anderson_step(st, fz, params, k % m)

@@ -1,0 +1,280 @@
+// CUDA twins of csrc/ops.cpp: imp_fast::picard_step and imp_fast::anderson_step.
+//
+// One thread block per sample does the whole step: block reductions of the residual
+// norms (fixed order: deterministic), the per-sample status head (thread 0, shared
+// logic in step_common.h), the best-iterate copy, the ring-buffer write and Gram
+// row/column, the small (H + lam*H_ss I) a = 1 solve in double by thread 0 (Gaussian
+// elimination with partial pivoting, in shared memory), the mix into a workspace, its
+// finiteness check, and the z update (Picard fallback for singular / non-finite mixes).
+// Frozen samples' blocks return at once. No host synchronisation.
+#ifdef IMP_FAST_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cfloat>
+
+#include "../step_common.h"
+
+namespace imp_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxM = 64;  // shared-memory bound on the history size
+
+template <typename a_t>
+__device__ a_t block_sum(a_t v, a_t* red) {
+  // red: kThreads/32 shared slots; fixed reduction order
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  a_t t = a_t(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
+    red[0] = t;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+template <typename s_t, typename a_t>
+__device__ uint8_t block_head(const s_t* zb, const s_t* fb, int64_t D, int64_t b, int8_t* status,
+                              int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
+                              a_t* best_abs, a_t* best_rel, const StepScalars<a_t>& c,
+                              a_t* red, uint8_t* flag) {
+  a_t sg = 0, sf = 0;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    const a_t fv = static_cast<a_t>(fb[j]);
+    const a_t d = fv - static_cast<a_t>(zb[j]);
+    sg += d * d;
+    sf += fv * fv;
+  }
+  sg = block_sum(sg, red);
+  sf = block_sum(sf, red);
+  if (threadIdx.x == 0)
+    *flag = sample_head<a_t>(sg, sf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c);
+  __syncthreads();
+  return *flag;
+}
+
+template <typename s_t, typename a_t>
+__global__ void picard_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, int8_t* status,
+                              int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
+                              s_t* best_z, a_t* best_abs, a_t* best_rel, int64_t D,
+                              StepScalars<a_t> c) {
+  __shared__ a_t red[32];
+  __shared__ uint8_t flag;
+  const int64_t b = blockIdx.x;
+  if (status[b] != 0) return;  // uniform over the block
+  s_t* zb = z + b * D;
+  const s_t* fb = fz + b * D;
+  const uint8_t fl = block_head<s_t, a_t>(zb, fb, D, b, status, n_iter, abs_res, rel_res, abs0,
+                                          best_abs, best_rel, c, red, &flag);
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    const s_t zs = zb[j];
+    if (fl & kBetter) best_z[b * D + j] = zs;
+    if (fl & kStill) {
+      const a_t zv = static_cast<a_t>(zs);
+      zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
+    }
+  }
+}
+
+template <typename s_t, typename a_t>
+__global__ void anderson_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, int8_t* status,
+                                int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
+                                s_t* best_z, a_t* best_abs, a_t* best_rel, s_t* F, s_t* G, a_t* H,
+                                a_t* ws, int64_t D, int64_t m, int64_t slot, StepScalars<a_t> c) {
+  __shared__ a_t red[32];
+  __shared__ uint8_t flag;
+  __shared__ int ok_s;
+  extern __shared__ double smem[];  // A (m*m), x (m)
+  double* A = smem;
+  double* x = smem + m * m;
+  const int64_t b = blockIdx.x;
+  if (status[b] != 0) return;
+  s_t* zb = z + b * D;
+  const s_t* fb = fz + b * D;
+  const uint8_t fl = block_head<s_t, a_t>(zb, fb, D, b, status, n_iter, abs_res, rel_res, abs0,
+                                          best_abs, best_rel, c, red, &flag);
+  s_t* Fs = F + (b * m + slot) * D;
+  s_t* Gs = G + (b * m + slot) * D;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    const s_t zs = zb[j];
+    if (fl & kBetter) best_z[b * D + j] = zs;
+    const s_t fs = fb[j];
+    Fs[j] = fs;
+    Gs[j] = static_cast<s_t>(static_cast<a_t>(fs) - static_cast<a_t>(zs));
+  }
+  // Gram row/column: g . G_i (each thread re-reads only the elements it wrote itself)
+  a_t* Hb = H + b * m * m;
+  for (int64_t i = 0; i < m; ++i) {
+    const s_t* Gi = G + (b * m + i) * D;
+    a_t s = 0;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x)
+      s += static_cast<a_t>(Gi[j]) * (static_cast<a_t>(fb[j]) - static_cast<a_t>(zb[j]));
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) {
+      Hb[slot * m + i] = s;
+      Hb[i * m + slot] = s;
+    }
+  }
+  if (!(fl & kStill)) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const a_t ridge = c.lam * Hb[slot * m + slot];
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t k = 0; k < m; ++k)
+        A[i * m + k] = static_cast<double>(i == k ? Hb[i * m + k] + ridge : Hb[i * m + k]);
+    bool ok = true;
+    for (int64_t i = 0; i < m; ++i) x[i] = 1.0;
+    for (int64_t k = 0; ok && k < m; ++k) {
+      int64_t p = k;
+      double best = fabs(A[k * m + k]);
+      for (int64_t r = k + 1; r < m; ++r) {
+        const double v = fabs(A[r * m + k]);
+        if (v > best) { best = v; p = r; }
+      }
+      if (!(best >= DBL_MIN) || !isfinite(best)) { ok = false; break; }
+      if (p != k) {
+        for (int64_t q = 0; q < m; ++q) { const double t = A[k * m + q]; A[k * m + q] = A[p * m + q]; A[p * m + q] = t; }
+        const double t = x[k]; x[k] = x[p]; x[p] = t;
+      }
+      const double piv = A[k * m + k];
+      for (int64_t r = k + 1; r < m; ++r) {
+        const double f = A[r * m + k] / piv;
+        for (int64_t q = k; q < m; ++q) A[r * m + q] -= f * A[k * m + q];
+        x[r] -= f * x[k];
+      }
+    }
+    for (int64_t k = m - 1; ok && k >= 0; --k) {
+      double v = x[k];
+      for (int64_t q = k + 1; q < m; ++q) v -= A[k * m + q] * x[q];
+      x[k] = v / A[k * m + k];
+      ok = isfinite(x[k]);
+    }
+    double sum = 0;
+    for (int64_t i = 0; ok && i < m; ++i) sum += x[i];
+    ok = ok && isfinite(sum) && sum != 0.0;
+    for (int64_t i = 0; ok && i < m; ++i) {
+      x[i] /= sum;
+      ok = isfinite(x[i]);
+    }
+    ok_s = ok ? 1 : 0;
+  }
+  __syncthreads();
+  a_t* wb = ws + b * D;
+  const a_t omb = a_t(1) - c.beta;
+  if (ok_s) {
+    a_t s = 0;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      a_t sF = 0, sG = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        const a_t ai = static_cast<a_t>(x[i]);
+        sF += ai * static_cast<a_t>(F[(b * m + i) * D + j]);
+        sG += ai * static_cast<a_t>(G[(b * m + i) * D + j]);
+      }
+      const a_t v = sF - omb * sG;
+      wb[j] = v;
+      s += v;
+    }
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) ok_s = isfinite(s) ? 1 : 0;
+    __syncthreads();
+  }
+  const bool ok = ok_s != 0;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    if (ok) {
+      zb[j] = static_cast<s_t>(wb[j]);
+    } else {
+      const a_t zv = static_cast<a_t>(zb[j]);
+      zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
+    }
+  }
+}
+
+template <typename T>
+T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+void check_cuda(const at::Tensor& z, const at::Tensor& fz) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "imp_fast: z must be a contiguous (B, D) tensor");
+  TORCH_CHECK(fz.sizes() == z.sizes() && fz.scalar_type() == z.scalar_type() && fz.device() == z.device(),
+              "imp_fast: fz must match z's shape, dtype and device");
+}
+
+void picard_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::Tensor& status,
+                      const at::Tensor& n_iter, const at::Tensor& abs_res, const at::Tensor& rel_res,
+                      const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
+                      const std::optional<at::Tensor>& best_abs,
+                      const std::optional<at::Tensor>& best_rel, double tol, double beta,
+                      bool stop_rel, double divergence, double eps) {
+  check_cuda(z, fz_in);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor fz = fz_in.contiguous();
+  const int64_t B = z.size(0), D = z.size(1);
+  if (B == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "picard_step_cuda", [&] {
+    using a_t = at::opmath_type<scalar_t>;
+    const auto c = make_scalars<a_t>(tol, beta, stop_rel, divergence, eps, 0.0);
+    picard_kernel<scalar_t, a_t><<<B, kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), fz.data_ptr<scalar_t>(), status.data_ptr<int8_t>(),
+        n_iter.data_ptr<int32_t>(), abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(),
+        abs0.data_ptr<a_t>(), opt_ptr<scalar_t>(best_z), opt_ptr<a_t>(best_abs),
+        opt_ptr<a_t>(best_rel), D, c);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void anderson_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::Tensor& status,
+                        const at::Tensor& n_iter, const at::Tensor& abs_res,
+                        const at::Tensor& rel_res, const at::Tensor& abs0,
+                        const std::optional<at::Tensor>& best_z,
+                        const std::optional<at::Tensor>& best_abs,
+                        const std::optional<at::Tensor>& best_rel, const at::Tensor& F,
+                        const at::Tensor& G, const at::Tensor& H, int64_t slot, double tol,
+                        double beta, bool stop_rel, double divergence, double eps, double lam) {
+  check_cuda(z, fz_in);
+  const int64_t B = z.size(0), D = z.size(1), m = F.size(1);
+  TORCH_CHECK(m >= 1 && m <= kMaxM, "imp_fast: CUDA anderson_step supports 1 <= m <= ", kMaxM, ", got ", m);
+  TORCH_CHECK(slot >= 0 && slot < m, "imp_fast: slot must be in [0, ", m, "), got ", slot);
+  TORCH_CHECK(F.is_contiguous() && G.is_contiguous() && H.is_contiguous(),
+              "imp_fast: F, G, H must be contiguous");
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor fz = fz_in.contiguous();
+  if (B == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "anderson_step_cuda", [&] {
+    using a_t = at::opmath_type<scalar_t>;
+    const auto c = make_scalars<a_t>(tol, beta, stop_rel, divergence, eps, lam);
+    at::Tensor ws = at::empty({B, D}, H.options());
+    const size_t smem = static_cast<size_t>(m * m + m) * sizeof(double);
+    anderson_kernel<scalar_t, a_t><<<B, kThreads, smem, stream>>>(
+        z.data_ptr<scalar_t>(), fz.data_ptr<scalar_t>(), status.data_ptr<int8_t>(),
+        n_iter.data_ptr<int32_t>(), abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(),
+        abs0.data_ptr<a_t>(), opt_ptr<scalar_t>(best_z), opt_ptr<a_t>(best_abs),
+        opt_ptr<a_t>(best_rel), F.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), H.data_ptr<a_t>(),
+        ws.data_ptr<a_t>(), D, m, slot, c);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imp_fast, CUDA, m) {
+  m.impl("picard_step", &picard_step_cuda);
+  m.impl("anderson_step", &anderson_step_cuda);
+}
+
+}  // namespace imp_fast
+
+#endif  // IMP_FAST_WITH_CUDA

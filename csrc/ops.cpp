@@ -1,0 +1,512 @@
+// imp_fast._C: fused per-iteration steps of the batched fixed-point solve.
+//
+// Ops (schemas below, defined once): one call per solver iteration.
+//   imp_fast::picard_step    residuals + statuses + best tracking + damped update
+//   imp_fast::anderson_step  same head, ring-buffer write, Gram row/column update,
+//                            per-sample (H + lam*H_ss I) a = 1 solve in double,
+//                            mixing, per-sample Picard fallback
+// They match imp_fast/backends/reference.py (the ground truth) within float tolerance.
+//
+// CPU kernels: at::parallel_for over (sample, chunk) tasks. Reductions use a fixed
+// chunk size and a fixed number of accumulator lanes, and partials are combined in
+// order, so results do not depend on the thread count. Storage dtypes: float64,
+// float32, float16, bfloat16; accumulation in at::opmath_type (float64 for float64,
+// else float32).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "step_common.h"
+
+namespace imp_fast {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // elements of one sample per task (fixed: determinism)
+constexpr int kLanes = 8;         // independent accumulators (lets the compiler vectorise)
+
+template <typename a_t>
+inline a_t lane_sum(const a_t* s) {
+  // fixed pairwise tree over kLanes accumulators
+  a_t t[kLanes];
+  for (int k = 0; k < kLanes; ++k) t[k] = s[k];
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) t[k] += t[k + w];
+  return t[0];
+}
+
+// sum (fz - z)^2 and sum fz^2 over n elements
+template <typename s_t, typename a_t>
+inline void residual_sums(const s_t* z, const s_t* fz, int64_t n, a_t& sg, a_t& sf) {
+  a_t g[kLanes] = {}, f[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const a_t fv = static_cast<a_t>(fz[j + k]);
+      const a_t d = fv - static_cast<a_t>(z[j + k]);
+      g[k] += d * d;
+      f[k] += fv * fv;
+    }
+  }
+  for (int k = 0; j < n; ++j, ++k) {
+    const a_t fv = static_cast<a_t>(fz[j]);
+    const a_t d = fv - static_cast<a_t>(z[j]);
+    g[k] += d * d;
+    f[k] += fv * fv;
+  }
+  sg = lane_sum(g);
+  sf = lane_sum(f);
+}
+
+template <typename s_t, typename a_t>
+inline a_t dot_lanes(const s_t* x, const a_t* y, int64_t n) {
+  a_t s[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) s[k] += static_cast<a_t>(x[j + k]) * y[j + k];
+  for (int k = 0; j < n; ++j, ++k) s[k] += static_cast<a_t>(x[j]) * y[j];
+  return lane_sum(s);
+}
+
+template <typename a_t>
+inline a_t sum_lanes(const a_t* x, int64_t n) {
+  a_t s[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) s[k] += x[j + k];
+  for (int k = 0; j < n; ++j, ++k) s[k] += x[j];
+  return lane_sum(s);
+}
+
+struct Shape {
+  int64_t B, D, nc, grain;
+};
+
+inline Shape shape_of(const at::Tensor& z) {
+  Shape s;
+  s.B = z.size(0);
+  s.D = z.size(1);
+  s.nc = s.D == 0 ? 1 : (s.D + kChunk - 1) / kChunk;
+  const int64_t per_task = std::max<int64_t>(1, std::min(s.D, kChunk));
+  s.grain = std::max<int64_t>(1, 32768 / per_task);  // >= ~32K elements per thread
+  return s;
+}
+
+// Partials of phase 1 (per sample and chunk) -> per-sample status head.
+// flags[b]: bit0 running at entry, bit1 better (best tracking), bit2 still running.
+template <typename s_t, typename a_t>
+void head(const Shape& s, const s_t* z, const s_t* fz, int8_t* status, int32_t* n_iter,
+          a_t* abs_res, a_t* rel_res, const a_t* abs0, a_t* best_abs, a_t* best_rel,
+          const StepScalars<a_t>& c, std::vector<uint8_t>& flags) {
+  const int64_t B = s.B, D = s.D, nc = s.nc;
+  std::vector<a_t> pg(B * nc), pf(B * nc);
+  at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nc, ch = t % nc;
+      if (status[b] != 0) continue;
+      const int64_t j0 = ch * kChunk, n = std::min(kChunk, D - j0);
+      residual_sums(z + b * D + j0, fz + b * D + j0, n, pg[t], pf[t]);
+    }
+  });
+  flags.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (status[b] != 0) continue;
+    a_t sg = 0, sf = 0;
+    for (int64_t ch = 0; ch < nc; ++ch) {
+      sg += pg[b * nc + ch];
+      sf += pf[b * nc + ch];
+    }
+    flags[b] = sample_head<a_t>(sg, sf, b, status, n_iter, abs_res, rel_res, abs0, best_abs,
+                                best_rel, c);
+  }
+}
+
+void check_state(const at::Tensor& z, const at::Tensor& fz, const at::Tensor& status,
+                 const at::Tensor& n_iter, const at::Tensor& abs_res, const at::Tensor& rel_res,
+                 const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
+                 const std::optional<at::Tensor>& best_abs,
+                 const std::optional<at::Tensor>& best_rel) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "imp_fast: z must be a contiguous (B, D) tensor, got ",
+              z.sizes(), " contiguous=", z.is_contiguous());
+  TORCH_CHECK(fz.sizes() == z.sizes() && fz.scalar_type() == z.scalar_type() &&
+                  fz.device() == z.device(),
+              "imp_fast: fz must match z's shape ", z.sizes(), ", dtype ", z.scalar_type(),
+              " and device, got ", fz.sizes(), " ", fz.scalar_type(), " ", fz.device());
+  const int64_t B = z.size(0);
+  const auto cdt = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto vec = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == dt && t.is_contiguous() &&
+                    t.device() == z.device(),
+                "imp_fast: ", name, " must be a contiguous (", B, ",) ", dt, " tensor on ",
+                z.device(), ", got ", t.sizes(), " ", t.scalar_type());
+  };
+  vec(status, at::kChar, "status");
+  vec(n_iter, at::kInt, "n_iter");
+  vec(abs_res, cdt, "abs_res");
+  vec(rel_res, cdt, "rel_res");
+  vec(abs0, cdt, "abs0");
+  const bool has_best = best_z.has_value();
+  TORCH_CHECK(best_abs.has_value() == has_best && best_rel.has_value() == has_best,
+              "imp_fast: best_z, best_abs and best_rel must be given together");
+  if (has_best) {
+    TORCH_CHECK(best_z->sizes() == z.sizes() && best_z->scalar_type() == z.scalar_type() &&
+                    best_z->is_contiguous() && best_z->device() == z.device(),
+                "imp_fast: best_z must be a contiguous tensor like z");
+    vec(*best_abs, cdt, "best_abs");
+    vec(*best_rel, cdt, "best_rel");
+  }
+}
+
+void check_history(const at::Tensor& z, const at::Tensor& F, const at::Tensor& G,
+                   const at::Tensor& H, int64_t slot) {
+  const int64_t B = z.size(0), D = z.size(1);
+  TORCH_CHECK(F.dim() == 3 && F.size(0) == B && F.size(2) == D && F.is_contiguous() &&
+                  F.scalar_type() == z.scalar_type() && F.device() == z.device(),
+              "imp_fast: F must be a contiguous (B, m, D) tensor like z, got ", F.sizes());
+  const int64_t m = F.size(1);
+  TORCH_CHECK(m >= 1, "imp_fast: history size m must be >= 1");
+  TORCH_CHECK(G.sizes() == F.sizes() && G.is_contiguous() && G.scalar_type() == z.scalar_type() &&
+                  G.device() == z.device(),
+              "imp_fast: G must be a contiguous tensor like F, got ", G.sizes());
+  const auto cdt = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(H.dim() == 3 && H.size(0) == B && H.size(1) == m && H.size(2) == m &&
+                  H.is_contiguous() && H.scalar_type() == cdt && H.device() == z.device(),
+              "imp_fast: H must be a contiguous (B, m, m) ", cdt, " tensor, got ", H.sizes(), " ",
+              H.scalar_type());
+  TORCH_CHECK(slot >= 0 && slot < m, "imp_fast: slot must be in [0, ", m, "), got ", slot);
+}
+
+template <typename T>
+T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Tensor& status,
+                     const at::Tensor& n_iter, const at::Tensor& abs_res,
+                     const at::Tensor& rel_res, const at::Tensor& abs0,
+                     const std::optional<at::Tensor>& best_z,
+                     const std::optional<at::Tensor>& best_abs,
+                     const std::optional<at::Tensor>& best_rel, double tol, double beta,
+                     bool stop_rel, double divergence, double eps) {
+  check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
+  const at::Tensor fz = fz_in.contiguous();
+  const Shape s = shape_of(z);
+  if (s.B == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "picard_step_cpu", [&] {
+    using s_t = scalar_t;
+    using a_t = at::opmath_type<s_t>;
+    const StepScalars<a_t> c = make_scalars<a_t>(tol, beta, stop_rel, divergence, eps, 0.0);
+    s_t* zp = z.data_ptr<s_t>();
+    const s_t* fp = fz.data_ptr<s_t>();
+    s_t* bz = opt_ptr<s_t>(best_z);
+    std::vector<uint8_t> flags;
+    head<s_t, a_t>(s, zp, fp, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
+                   abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(),
+                   opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), c, flags);
+    const int64_t D = s.D, nc = s.nc;
+    at::parallel_for(0, s.B * nc, s.grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / nc, ch = t % nc;
+        const uint8_t fl = flags[b];
+        if (!(fl & (kBetter | kStill))) continue;
+        const int64_t j0 = b * D + ch * kChunk, n = std::min(kChunk, D - ch * kChunk);
+        s_t* zb = zp + j0;
+        const s_t* fb = fp + j0;
+        if (fl & kBetter) std::copy(zb, zb + n, bz + j0);
+        if (fl & kStill) {
+          for (int64_t j = 0; j < n; ++j) {
+            const a_t zv = static_cast<a_t>(zb[j]);
+            zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
+          }
+        }
+      }
+    });
+  });
+}
+
+// Solves (A) x = 1 for an m x m matrix (row-major, overwritten) by Gaussian
+// elimination with partial pivoting, in double. Returns false when singular (zero,
+// subnormal or non-finite pivot) or when the solution is not finite.
+bool solve_ones(double* A, double* x, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) x[i] = 1.0;
+  for (int64_t k = 0; k < m; ++k) {
+    int64_t p = k;
+    double best = std::abs(A[k * m + k]);
+    for (int64_t r = k + 1; r < m; ++r) {
+      const double v = std::abs(A[r * m + k]);
+      if (v > best) {
+        best = v;
+        p = r;
+      }
+    }
+    if (!(best >= DBL_MIN) || !std::isfinite(best)) return false;
+    if (p != k) {
+      for (int64_t cidx = 0; cidx < m; ++cidx) std::swap(A[k * m + cidx], A[p * m + cidx]);
+      std::swap(x[k], x[p]);
+    }
+    const double piv = A[k * m + k];
+    for (int64_t r = k + 1; r < m; ++r) {
+      const double f = A[r * m + k] / piv;
+      if (f == 0.0) continue;
+      for (int64_t cidx = k; cidx < m; ++cidx) A[r * m + cidx] -= f * A[k * m + cidx];
+      x[r] -= f * x[k];
+    }
+  }
+  for (int64_t k = m - 1; k >= 0; --k) {
+    double v = x[k];
+    for (int64_t cidx = k + 1; cidx < m; ++cidx) v -= A[k * m + cidx] * x[cidx];
+    x[k] = v / A[k * m + k];
+    if (!std::isfinite(x[k])) return false;
+  }
+  return true;
+}
+
+void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Tensor& status,
+                       const at::Tensor& n_iter, const at::Tensor& abs_res,
+                       const at::Tensor& rel_res, const at::Tensor& abs0,
+                       const std::optional<at::Tensor>& best_z,
+                       const std::optional<at::Tensor>& best_abs,
+                       const std::optional<at::Tensor>& best_rel, const at::Tensor& F,
+                       const at::Tensor& G, const at::Tensor& H, int64_t slot, double tol,
+                       double beta, bool stop_rel, double divergence, double eps, double lam) {
+  check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
+  check_history(z, F, G, H, slot);
+  const at::Tensor fz = fz_in.contiguous();
+  const Shape s = shape_of(z);
+  if (s.B == 0) return;
+  const int64_t m = F.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "anderson_step_cpu", [&] {
+    using s_t = scalar_t;
+    using a_t = at::opmath_type<s_t>;
+    const StepScalars<a_t> c = make_scalars<a_t>(tol, beta, stop_rel, divergence, eps, lam);
+    const a_t one_m_beta = static_cast<a_t>(1.0 - beta);
+    s_t* zp = z.data_ptr<s_t>();
+    const s_t* fp = fz.data_ptr<s_t>();
+    s_t* bz = opt_ptr<s_t>(best_z);
+    s_t* Fp = F.data_ptr<s_t>();
+    s_t* Gp = G.data_ptr<s_t>();
+    a_t* Hp = H.data_ptr<a_t>();
+    std::vector<uint8_t> flags;
+    head<s_t, a_t>(s, zp, fp, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
+                   abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(),
+                   opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), c, flags);
+    const int64_t B = s.B, D = s.D, nc = s.nc;
+
+    // Phase 2 (samples running at entry): best_z, ring-buffer slot, Gram row partials.
+    std::vector<a_t> prow(B * nc * m);
+    at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
+      std::vector<a_t> gbuf(std::min(kChunk, D));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / nc, ch = t % nc;
+        const uint8_t fl = flags[b];
+        if (!(fl & kRunning)) continue;
+        const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
+        s_t* zb = zp + b * D + off;
+        const s_t* fb = fp + b * D + off;
+        if (fl & kBetter) std::copy(zb, zb + n, bz + b * D + off);
+        s_t* Fs = Fp + (b * m + slot) * D + off;
+        s_t* Gs = Gp + (b * m + slot) * D + off;
+        for (int64_t j = 0; j < n; ++j) {
+          const a_t fv = static_cast<a_t>(fb[j]);
+          const a_t g = fv - static_cast<a_t>(zb[j]);
+          gbuf[j] = g;
+          Fs[j] = fb[j];
+          Gs[j] = static_cast<s_t>(g);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const s_t* Gi = Gp + (b * m + i) * D + off;
+          prow[(b * nc + ch) * m + i] = dot_lanes(Gi, gbuf.data(), n);
+        }
+      }
+    });
+
+    // Per sample: Gram row/column, regularised small solve in double, weights.
+    std::vector<a_t> alpha(B * m);
+    std::vector<uint8_t> solved(B, 0);
+    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (m * m * m + 1)), [&](int64_t b0, int64_t b1) {
+      std::vector<double> A(m * m), x(m);
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t fl = flags[b];
+        if (!(fl & kRunning)) continue;
+        a_t* Hb = Hp + b * m * m;
+        for (int64_t i = 0; i < m; ++i) {
+          a_t r = 0;
+          for (int64_t ch = 0; ch < nc; ++ch) r += prow[(b * nc + ch) * m + i];
+          Hb[slot * m + i] = r;
+          Hb[i * m + slot] = r;
+        }
+        if (!(fl & kStill)) continue;
+        const a_t ridge = c.lam * Hb[slot * m + slot];
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t k = 0; k < m; ++k)
+            A[i * m + k] = static_cast<double>(i == k ? Hb[i * m + k] + ridge : Hb[i * m + k]);
+        if (!solve_ones(A.data(), x.data(), m)) continue;
+        double sum = 0;
+        for (int64_t i = 0; i < m; ++i) sum += x[i];
+        bool ok = std::isfinite(sum) && sum != 0.0;
+        for (int64_t i = 0; ok && i < m; ++i) {
+          const double a = x[i] / sum;
+          ok = std::isfinite(a);
+          alpha[b * m + i] = static_cast<a_t>(a);
+        }
+        solved[b] = ok ? 1 : 0;
+      }
+    });
+
+    // Phase 3 (still-running samples): mix, finiteness check, z update (Picard fallback).
+    auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc) -> a_t {
+      const a_t* al = alpha.data() + b * m;
+      for (int64_t i = 0; i < m; ++i) {
+        const s_t* Fi = Fp + (b * m + i) * D + off;
+        const a_t ai = al[i];
+        if (i == 0) {
+          for (int64_t j = 0; j < n; ++j) out[j] = ai * static_cast<a_t>(Fi[j]);
+        } else {
+          for (int64_t j = 0; j < n; ++j) out[j] += ai * static_cast<a_t>(Fi[j]);
+        }
+      }
+      if (one_m_beta != a_t(0)) {
+        for (int64_t i = 0; i < m; ++i) {
+          const s_t* Gi = Gp + (b * m + i) * D + off;
+          const a_t ai = al[i];
+          if (i == 0) {
+            for (int64_t j = 0; j < n; ++j) gacc[j] = ai * static_cast<a_t>(Gi[j]);
+          } else {
+            for (int64_t j = 0; j < n; ++j) gacc[j] += ai * static_cast<a_t>(Gi[j]);
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) out[j] -= one_m_beta * gacc[j];
+      }
+      return sum_lanes(out, n);
+    };
+    auto picard_chunk = [&](int64_t b, int64_t off, int64_t n) {
+      s_t* zb = zp + b * D + off;
+      const s_t* fb = fp + b * D + off;
+      for (int64_t j = 0; j < n; ++j) {
+        const a_t zv = static_cast<a_t>(zb[j]);
+        zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
+      }
+    };
+    if (nc == 1) {
+      // whole sample in one task: mix into a local buffer, check, write z
+      at::parallel_for(0, B, s.grain, [&](int64_t b0, int64_t b1) {
+        std::vector<a_t> out(D), gacc(D);
+        for (int64_t b = b0; b < b1; ++b) {
+          const uint8_t fl = flags[b];
+          if (!(fl & kStill)) continue;
+          bool ok = solved[b] != 0;
+          if (ok) ok = std::isfinite(mix_chunk(b, 0, D, out.data(), gacc.data()));
+          if (ok) {
+            s_t* zb = zp + b * D;
+            for (int64_t j = 0; j < D; ++j) zb[j] = static_cast<s_t>(out[j]);
+          } else {
+            picard_chunk(b, 0, D);
+          }
+        }
+      });
+    } else {
+      // chunks of a sample on several threads: mixes in a workspace, then the write
+      at::Tensor ws = at::empty({B, D}, z.options().dtype(c10::CppTypeToScalarType<a_t>::value));
+      a_t* wp = ws.data_ptr<a_t>();
+      std::vector<a_t> psum(B * nc, a_t(0));
+      at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
+        std::vector<a_t> gacc(kChunk);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / nc, ch = t % nc;
+          if (!(flags[b] & kStill) || !solved[b]) continue;
+          const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
+          psum[t] = mix_chunk(b, off, n, wp + b * D + off, gacc.data());
+        }
+      });
+      std::vector<uint8_t> ok(B, 0);
+      for (int64_t b = 0; b < B; ++b) {
+        if (!(flags[b] & kStill) || !solved[b]) continue;
+        a_t sum = 0;
+        for (int64_t ch = 0; ch < nc; ++ch) sum += psum[b * nc + ch];
+        ok[b] = std::isfinite(sum) ? 1 : 0;
+      }
+      at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / nc, ch = t % nc;
+          if (!(flags[b] & kStill)) continue;
+          const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
+          if (ok[b]) {
+            s_t* zb = zp + b * D + off;
+            const a_t* wb = wp + b * D + off;
+            for (int64_t j = 0; j < n; ++j) zb[j] = static_cast<s_t>(wb[j]);
+          } else {
+            picard_chunk(b, off, n);
+          }
+        }
+      });
+    }
+  });
+}
+
+bool with_cuda() {
+#ifdef IMP_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(imp_fast, m) {
+  m.def(
+      "picard_step(Tensor(a!) z, Tensor fz, Tensor(b!) status, Tensor(c!) n_iter, "
+      "Tensor(d!) abs_res, Tensor(e!) rel_res, Tensor abs0, Tensor(f!)? best_z, "
+      "Tensor(g!)? best_abs, Tensor(h!)? best_rel, float tol, float beta, bool stop_rel, "
+      "float divergence, float eps) -> ()");
+  m.def(
+      "anderson_step(Tensor(a!) z, Tensor fz, Tensor(b!) status, Tensor(c!) n_iter, "
+      "Tensor(d!) abs_res, Tensor(e!) rel_res, Tensor abs0, Tensor(f!)? best_z, "
+      "Tensor(g!)? best_abs, Tensor(h!)? best_rel, Tensor(i!) F, Tensor(j!) G, Tensor(k!) H, "
+      "int slot, float tol, float beta, bool stop_rel, float divergence, float eps, "
+      "float lam) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(imp_fast, CPU, m) {
+  m.impl("picard_step", &picard_step_cpu);
+  m.impl("anderson_step", &anderson_step_cpu);
+}
+
+// The steps are not differentiable (solves run under no_grad; gradients come from the
+// implicit-function theorem): skip the autograd layer instead of paying its boxed
+// not-implemented fallback on every call.
+TORCH_LIBRARY_IMPL(imp_fast, Autograd, m) {
+  m.impl("picard_step", torch::CppFunction::makeFallthrough());
+  m.impl("anderson_step", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace imp_fast
+
+// A plain Python module so that `import imp_fast._C` loads the library and runs the
+// registrations above (no pybind11: the ops are reached through torch.ops.imp_fast).
+extern "C" {
+static struct PyModuleDef imp_fast_c_module = {PyModuleDef_HEAD_INIT, "_C",
+                                               "imp_fast compiled ops (torch.ops.imp_fast)", -1,
+                                               nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&imp_fast_c_module);
+  if (mod == nullptr) return nullptr;
+  PyObject* flag = imp_fast::with_cuda() ? Py_True : Py_False;
+  Py_INCREF(flag);
+  if (PyModule_AddObject(mod, "WITH_CUDA", flag) < 0) {
+    Py_DECREF(flag);
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
+}

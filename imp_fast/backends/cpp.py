@@ -1,0 +1,77 @@
+"""Compiled backend: the per-iteration steps as fused C++ ops (``imp_fast._C``).
+
+Each step is one ``torch.ops.imp_fast`` call: the residual norms, statuses, best-iterate
+tracking, ring-buffer and Gram updates, the small per-sample solve and the mixing all
+happen inside it (csrc/ops.cpp on CPU, csrc/cuda/ops.cu on CUDA when built with CUDA).
+The ops carry schemas that mark what they mutate, and fake kernels registered here,
+so they trace under ``torch.compile``.
+
+Build the extension with ``pip install -e . --no-build-isolation`` (after installing
+torch); without it this backend reports itself unavailable and ``auto`` falls back to
+the reference backend.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..state import LoopState, StepParams
+
+__all__ = ["NAME", "DEVICES", "picard_step", "anderson_step", "unavailable_reason", "WITH_CUDA"]
+
+NAME = "cpp"
+
+_IMPORT_ERROR: Optional[str] = None
+try:
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.imp_fast.*)
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR = (
+        f"imp_fast._C is not built or does not load ({exc}); build it with "
+        "`pip install -e . --no-build-isolation` after installing torch"
+    )
+
+WITH_CUDA: bool = bool(getattr(_C, "WITH_CUDA", False))
+DEVICES = ("cpu", "cuda") if WITH_CUDA else ("cpu",)
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the compiled ops are loaded, else why not and how to build them."""
+    return _IMPORT_ERROR
+
+
+if _C is not None:
+
+    @torch.library.register_fake("imp_fast::picard_step")
+    def _picard_step_fake(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs,
+                          best_rel, tol, beta, stop_rel, divergence, eps):
+        return None
+
+    @torch.library.register_fake("imp_fast::anderson_step")
+    def _anderson_step_fake(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs,
+                            best_rel, F, G, H, slot, tol, beta, stop_rel, divergence, eps, lam):
+        return None
+
+    # the overloads themselves: skips overload resolution on every call (eager speed)
+    _picard_op = torch.ops.imp_fast.picard_step.default
+    _anderson_op = torch.ops.imp_fast.anderson_step.default
+
+
+def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
+    """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
+    _picard_op(
+        st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
+        st.best_z, st.best_abs, st.best_rel,
+        float(p.tol), float(p.beta), bool(p.stop_rel), float(p.divergence), float(p.eps),
+    )
+
+
+def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
+    """Type-II Anderson step (see ``reference.anderson_step``), one fused op."""
+    _anderson_op(
+        st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
+        st.best_z, st.best_abs, st.best_rel, st.F, st.G, st.H, int(slot),
+        float(p.tol), float(p.beta), bool(p.stop_rel), float(p.divergence), float(p.eps),
+        float(p.lam),
+    )
