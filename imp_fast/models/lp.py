@@ -1,0 +1,513 @@
+"""Linear programming: implicit GNN on the LP bipartite graph vs an explicit GNN (paper Table 1).
+
+Data: random feasible LPs ``min c^T y  s.t.  A y (<= | =) b,  l <= y <= u`` with m = 10
+constraints and n = 50 variables (100 nonzeros of A ~ N(0, 1), P(equality) = 0.3,
+c ~ U(-1, 1) * 0.01, b ~ U(-1, 1), bounds from sorted pairs of N(0, 10)), labelled by
+``scipy.optimize.linprog`` (HiGHS); infeasible/unbounded draws are rejected. The data
+set is cached in the run folder (``lp_data.pt``) after the first generation.
+
+Graph: constraint nodes (features b, is_equality), variable nodes (c, l, u) and one edge
+per nonzero A_ij. Every instance has a fixed sparsity pattern stored as edge index lists
+(``rows``, ``cols``); a batch is one disjoint graph, made by offsetting node indices
+(:func:`batch_graphs` / :func:`split_graphs`). Message passing is scatter/gather with
+``index_add_`` (:class:`BipartiteConv`).
+
+Models (parameter counts equal the paper's Table 1 exactly):
+
+* explicit GNN, 29 d^2 + 29 d parameters: node encoders (2 -> d -> d, 3 -> d -> d), four
+  bipartite convolutions v->c, c->v, v->c, c->v with separate weights, each a message
+  MLP on [h_src, h_dst] (2d -> d -> d) whose output is weighted by A_ij and summed at
+  the destination, and an update MLP on [h_dst, message sum] (2d -> d -> d) added
+  residually (LeakyReLU activations); readout MLP d -> d -> d -> d -> 1 (last layer without bias).
+* implicit GNN G(y, x), 29 d^2 + 59 d + 22 parameters: the same layers, but the
+  variable features carry the current iterate y: y is lifted to 5 channels
+  (y itself and 4 learned features of a 1 -> 3 -> 4 tanh MLP, 22 parameters) that are
+  concatenated to the variable features wherever a convolution reads them (6 reads,
+  +5 d each). The readout is the new y. Iterated y_t = G(y_{t-1}, x), y_0 = 0.
+
+Feature scaling (as the paper's recipe): c x 100, l and u x 0.1, labels x 0.1. The error
+is ``||y - y*|| / (||y*|| + 1)`` per LP in the original units, averaged over the test set.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+M_CONS = 10
+N_VARS = 50
+NNZ = 100
+P_EQ = 0.3
+C_SCALE, LU_SCALE, Y_SCALE = 100.0, 0.1, 0.1
+N_YFEAT = 5
+FEATURES = ("A", "b", "c", "l", "u")
+# the paper's Table 1
+PAPER_TABLE = {
+    4: {"explicit_params": 580, "explicit_error": 0.397, "implicit_params": 722, "implicit_error": 0.218},
+    8: {"explicit_params": 2088, "explicit_error": 0.273, "implicit_params": 2350, "implicit_error": 0.177},
+    16: {"explicit_params": 7888, "explicit_error": 0.283, "implicit_params": 8390, "implicit_error": 0.152},
+    32: {"explicit_params": 30624, "explicit_error": 0.318, "implicit_params": 31606, "implicit_error": 0.156},
+}
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+
+def generate_lp(rng: np.random.Generator, m: int = M_CONS, n: int = N_VARS, nnz: int = NNZ):
+    """One random LP (may be infeasible): dict of numpy arrays."""
+    flat = rng.choice(m * n, size=nnz, replace=False)
+    flat.sort()
+    rows, cols = flat // n, flat % n
+    vals = rng.standard_normal(nnz)
+    eq = rng.random(m) < P_EQ
+    c = rng.uniform(-1, 1, n) * 0.01
+    b = rng.uniform(-1, 1, m)
+    lu = np.sort(rng.normal(0.0, 10.0, size=(n, 2)), axis=1)
+    return dict(rows=rows, cols=cols, vals=vals, eq=eq, b=b, c=c, l=lu[:, 0], u=lu[:, 1])
+
+
+def dense_A(lp, m: int = M_CONS, n: int = N_VARS) -> np.ndarray:
+    A = np.zeros((m, n))
+    A[np.asarray(lp["rows"]), np.asarray(lp["cols"])] = np.asarray(lp["vals"])
+    return A
+
+
+def solve_lp(lp) -> Optional[np.ndarray]:
+    """The optimum y* by scipy's HiGHS, or None when not solved to optimality."""
+    from scipy.optimize import linprog
+
+    A = dense_A(lp)
+    eq = np.asarray(lp["eq"], dtype=bool)
+    kw = {}
+    if (~eq).any():
+        kw.update(A_ub=A[~eq], b_ub=np.asarray(lp["b"])[~eq])
+    if eq.any():
+        kw.update(A_eq=A[eq], b_eq=np.asarray(lp["b"])[eq])
+    res = linprog(np.asarray(lp["c"]), bounds=list(zip(lp["l"], lp["u"])), method="highs", **kw)
+    return res.x if res.status == 0 else None
+
+
+def make_dataset(n_samples: int, seed: int) -> Dict[str, torch.Tensor]:
+    """n_samples feasible LPs with labels, as stacked tensors (instance on dim 0)."""
+    rng = np.random.default_rng(seed)
+    out: Dict[str, list] = {k: [] for k in ("rows", "cols", "vals", "eq", "b", "c", "l", "u", "y")}
+    while len(out["y"]) < n_samples:
+        lp = generate_lp(rng)
+        y = solve_lp(lp)
+        if y is None:
+            continue
+        for k in lp:
+            out[k].append(lp[k])
+        out["y"].append(y)
+    data = {}
+    for k, v in out.items():
+        arr = np.stack(v)
+        if k in ("rows", "cols"):
+            data[k] = torch.as_tensor(arr, dtype=torch.long)
+        elif k == "eq":
+            data[k] = torch.as_tensor(arr, dtype=torch.bool)
+        else:
+            data[k] = torch.as_tensor(arr, dtype=torch.float64)
+    return data
+
+
+def load_or_make_data(out_dir: Path, n_train: int, n_test: int, seed: int, log=print):
+    """Cached (train, test) in out_dir/lp_data.pt; regenerated when sizes or seed differ."""
+    path = Path(out_dir) / "lp_data.pt"
+    key = dict(n_train=n_train, n_test=n_test, seed=seed)
+    if path.exists():
+        blob = torch.load(path)
+        if blob.get("key") == key:
+            log(f"loaded cached LPs from {path}")
+            return blob["train"], blob["test"]
+    t0 = time.time()
+    train = make_dataset(n_train, seed)
+    test = make_dataset(n_test, seed + 10_000)
+    torch.save({"key": key, "train": train, "test": test}, path)
+    log(f"generated {n_train} train / {n_test} test feasible LPs with linprog labels in {time.time() - t0:.1f} s -> {path}")
+    return train, test
+
+
+def subset(data: Dict[str, torch.Tensor], idx) -> Dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# graphs: flat per-LP feature vector + edge index lists, batched by offsetting
+
+# flat layout of x (one row per LP): [A values (NNZ), b (m), eq (m), c (n), l (n), u (n)]
+_SIZES = {"A": NNZ, "b": M_CONS, "eq": M_CONS, "c": N_VARS, "l": N_VARS, "u": N_VARS}
+SLICES = {}
+_o = 0
+for _k, _s in _SIZES.items():
+    SLICES[_k] = slice(_o, _o + _s)
+    _o += _s
+X_DIM = _o
+
+
+def flat_features(data: Dict[str, torch.Tensor], dtype=torch.float32) -> torch.Tensor:
+    """Scaled model inputs, one flat row per LP (see SLICES)."""
+    return torch.cat(
+        [data["vals"], data["b"], data["eq"].to(torch.float64), data["c"] * C_SCALE,
+         data["l"] * LU_SCALE, data["u"] * LU_SCALE], dim=1,
+    ).to(dtype)
+
+
+def feature_direction(name: str, n_dirs: int, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """(n_dirs, X_DIM) random unit directions that are zero outside feature group ``name``."""
+    d = torch.zeros(n_dirs, X_DIM, dtype=torch.float64)
+    sl = SLICES[name]
+    r = torch.randn(n_dirs, sl.stop - sl.start, generator=generator, dtype=torch.float64)
+    d[:, sl] = r / r.norm(dim=1, keepdim=True)
+    return d.to(dtype)
+
+
+def batch_graphs(rows: torch.Tensor, cols: torch.Tensor, m: int = M_CONS, n: int = N_VARS):
+    """Per-instance edge lists (B, E) -> one disjoint graph's flat edge lists (B*E,).
+
+    Constraint node k of instance i becomes i*m + k, variable node j becomes i*n + j.
+    """
+    B = rows.shape[0]
+    off = torch.arange(B, device=rows.device).unsqueeze(1)
+    return (rows + off * m).reshape(-1), (cols + off * n).reshape(-1)
+
+
+def split_graphs(rows_flat: torch.Tensor, cols_flat: torch.Tensor, B: int, m: int = M_CONS, n: int = N_VARS):
+    """Inverse of :func:`batch_graphs`: back to per-instance (B, E) local indices."""
+    r = rows_flat.reshape(B, -1)
+    c = cols_flat.reshape(B, -1)
+    off = torch.arange(B, device=r.device).unsqueeze(1)
+    return r - off * m, c - off * n
+
+
+# ----------------------------------------------------------------------------------------
+# models
+
+
+def mlp(sizes: Sequence[int], last_bias: bool = True) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        last = i == len(sizes) - 2
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=(last_bias or not last)))
+        if not last:
+            layers.append(nn.LeakyReLU(0.05))
+    return nn.Sequential(*layers)
+
+
+class BipartiteConv(nn.Module):
+    """h_dst <- h_dst + upd([h_dst, sum_{edges} A_e * msg([h_src, h_dst])]).
+
+    ``src_extra`` / ``dst_extra``: widths of extra channels concatenated to the source /
+    destination features wherever they are read (the implicit model's y features).
+    """
+
+    def __init__(self, d: int, src_extra: int = 0, dst_extra: int = 0):
+        super().__init__()
+        self.msg = mlp([2 * d + src_extra + dst_extra, d, d])
+        self.upd = mlp([2 * d + dst_extra, d, d])
+
+    def forward(self, h_src, h_dst, src_idx, dst_idx, w, src_x=None, dst_x=None):
+        s = h_src if src_x is None else torch.cat([h_src, src_x], dim=-1)
+        t = h_dst if dst_x is None else torch.cat([h_dst, dst_x], dim=-1)
+        m = self.msg(torch.cat([s.index_select(0, src_idx), t.index_select(0, dst_idx)], dim=-1))
+        agg = torch.zeros(h_dst.shape[0], m.shape[1], dtype=m.dtype, device=m.device)
+        agg.index_add_(0, dst_idx, m * w.unsqueeze(-1))
+        return h_dst + self.upd(torch.cat([t, agg], dim=-1))
+
+
+class LPGNN(nn.Module):
+    """Explicit (implicit=False) or implicit (implicit=True) GNN on batched LP graphs.
+
+    Inputs: x (B, X_DIM) flat scaled features and per-LP edge lists rows, cols (B, NNZ).
+    Explicit: ``forward(x, rows, cols) -> y`` (B, n) in scaled units.
+    Implicit: ``G(y, x, rows, cols) -> y'``; ``forward(x, rows, cols, T)`` iterates T times.
+    """
+
+    def __init__(self, d: int, implicit: bool):
+        super().__init__()
+        self.d, self.implicit = d, implicit
+        k = N_YFEAT if implicit else 0
+        self.enc_c = mlp([2, d, d])
+        self.enc_v = mlp([3, d, d])
+        # v->c, c->v, v->c, c->v
+        self.convs = nn.ModuleList([
+            BipartiteConv(d, src_extra=k), BipartiteConv(d, dst_extra=k),
+            BipartiteConv(d, src_extra=k), BipartiteConv(d, dst_extra=k),
+        ])
+        self.head = mlp([d, d, d, d, 1], last_bias=False)
+        if implicit:
+            self.yfeat = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, N_YFEAT - 1))
+
+    def _encode(self, x, rows, cols):
+        B = x.shape[0]
+        hc = self.enc_c(torch.stack([x[:, SLICES["b"]], x[:, SLICES["eq"]]], dim=-1).reshape(B * M_CONS, 2))
+        hv = self.enc_v(torch.stack([x[:, SLICES["c"]], x[:, SLICES["l"]], x[:, SLICES["u"]]], dim=-1)
+                        .reshape(B * N_VARS, 3))
+        r, c = batch_graphs(rows, cols)
+        return hc, hv, r, c, x[:, SLICES["A"]].reshape(-1)
+
+    def _trunk(self, hc, hv, r, c, w, yx=None):
+        hc = self.convs[0](hv, hc, c, r, w, src_x=yx)
+        hv = self.convs[1](hc, hv, r, c, w, dst_x=yx)
+        hc = self.convs[2](hv, hc, c, r, w, src_x=yx)
+        hv = self.convs[3](hc, hv, r, c, w, dst_x=yx)
+        return self.head(hv).reshape(-1, N_VARS)
+
+    def G(self, y, x, rows, cols):
+        assert self.implicit
+        hc, hv, r, c, w = self._encode(x, rows, cols)
+        yv = y.reshape(-1, 1)
+        yx = torch.cat([yv, torch.tanh(self.yfeat(yv))], dim=-1)
+        return self._trunk(hc, hv, r, c, w, yx)
+
+    def forward(self, x, rows, cols, T: int = 8):
+        if not self.implicit:
+            hc, hv, r, c, w = self._encode(x, rows, cols)
+            return self._trunk(hc, hv, r, c, w)
+        y = torch.zeros(x.shape[0], N_VARS, dtype=x.dtype, device=x.device)
+        for _ in range(T):
+            y = self.G(y, x, rows, cols)
+        return y
+
+    def trajectory(self, x, rows, cols, T: int) -> List[torch.Tensor]:
+        """[y_0 = 0, y_1, ..., y_T] (scaled units), no grad."""
+        with torch.no_grad():
+            y = torch.zeros(x.shape[0], N_VARS, dtype=x.dtype, device=x.device)
+            ys = [y]
+            for _ in range(T):
+                y = self.G(y, x, rows, cols)
+                ys.append(y)
+        return ys
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def lp_error(y_pred_scaled: torch.Tensor, y_true: torch.Tensor) -> float:
+    """mean ||y - y*|| / (||y*|| + 1) in original units."""
+    y = y_pred_scaled.to(torch.float64) / Y_SCALE
+    t = y_true.to(torch.float64)
+    return float(((y - t).norm(dim=1) / (t.norm(dim=1) + 1.0)).mean())
+
+
+# ----------------------------------------------------------------------------------------
+# training
+
+
+def train_model(model: LPGNN, train, *, epochs: int, batch: int = 50, lr: float = 1e-2, t_range=(6, 13),
+                grad_steps: int = 4, seed: int = 0, log=print, tag: str = "") -> List[float]:
+    """AdamW with cosine decay; implicit: T ~ U[t_range), gradient through the last grad_steps
+    iterations, loss on each of those iterates (explicit: one pass). Returns the per-epoch mean losses."""
+    g = torch.Generator().manual_seed(seed)
+    x_all = flat_features(train)
+    y_all = (train["y"] * Y_SCALE).float()
+    N = x_all.shape[0]
+    steps = epochs * max(1, N // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    t0 = time.time()
+    for ep in range(epochs):
+        perm = torch.randperm(N, generator=g)
+        tot, nb = 0.0, 0
+        for i in range(0, N - batch + 1, batch):
+            idx = perm[i:i + batch]
+            x, yt, rows, cols = x_all[idx], y_all[idx], train["rows"][idx], train["cols"][idx]
+            if model.implicit:
+                T = int(torch.randint(t_range[0], t_range[1], (1,), generator=g))
+                y = torch.zeros_like(yt)
+                with torch.no_grad():
+                    for _ in range(T - grad_steps):
+                        y = model.G(y, x, rows, cols)
+                loss = 0.0
+                for _ in range(grad_steps):
+                    y = model.G(y, x, rows, cols)
+                    loss = loss + ((y - yt) ** 2).sum(1).mean()
+                loss = loss / grad_steps
+            else:
+                loss = ((model(x, rows, cols) - yt) ** 2).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            tot += float(loss.detach())
+            nb += 1
+        losses.append(tot / max(nb, 1))
+        if log and (ep % max(1, epochs // 5) == 0 or ep == epochs - 1):
+            log(f"  {tag} epoch {ep + 1}/{epochs} loss {losses[-1]:.4f} ({time.time() - t0:.0f} s)")
+    return losses
+
+
+def evaluate_error(model: LPGNN, data, T: int = 8) -> float:
+    model.eval()
+    with torch.no_grad():
+        y = model(flat_features(data), data["rows"], data["cols"], T)
+    return lp_error(y, data["y"])
+
+
+# ----------------------------------------------------------------------------------------
+# probes
+
+
+def scaling_probe(model: LPGNN, data, t_max: int = 12, n_dirs: int = 4, eps: float = 0.1, seed: int = 0):
+    """Error and L_t per perturbed feature group for t = 0..t_max (t = 0: y_0 = 0, L_0 = 0)."""
+    from imp_fast import lipschitz_trace
+
+    model.eval()
+    x = flat_features(data)
+    ys = model.trajectory(x, data["rows"], data["cols"], t_max)
+    errors = [lp_error(y, data["y"]) for y in ys]
+    md = copy.deepcopy(model).double()
+    rows, cols = data["rows"], data["cols"]
+    B = x.shape[0]
+
+    def G(z, xx):
+        k = xx.shape[0] // B
+        return md.G(z, xx, rows.repeat(k, 1), cols.repeat(k, 1))
+
+    g = torch.Generator().manual_seed(seed)
+    L: Dict[str, List[float]] = {}
+    for name in FEATURES:
+        dirs = feature_direction(name, n_dirs, g)
+        tr = lipschitz_trace(G, x.double(), directions=dirs, eps=eps, t_max=t_max,
+                             z0=torch.zeros(B, N_VARS, dtype=torch.float64), reduce="max", dtype=torch.float64)
+        L[name] = [0.0] + [float(v) for v in tr.L]
+    return list(range(t_max + 1)), errors, L
+
+
+def plot(path: Path, ts, errors, L, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.plot(ts, errors, "o-", color="C3")
+    ax1.set_xlabel("iterations t")
+    ax1.set_ylabel("test error ||y-y*||/(||y*||+1)")
+    ax1.grid(alpha=0.3)
+    for name in FEATURES:
+        ax2.plot(ts[1:], L[name][1:], "o-", label=f"L_t ({name})", ms=3)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("iterations t")
+    ax2.set_ylabel("empirical Lipschitz L_t (max)")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny data and training (seconds; for tests)")
+    parser.add_argument("--out", default=os.path.join("runs", "lp"), help="output folder (default runs/lp)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retrain", action="store_true", help="ignore a saved model in --out")
+    parser.add_argument("--table", action="store_true",
+                        help="also train implicit and explicit GNNs at embeddings 4, 8, 16, 32 (Table 1)")
+    parser.add_argument("--embedding", type=int, default=16, help="embedding size of the scaling-curve model")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 40, quick 2)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (one-cycle AdamW)")
+
+
+def _fmt_row(vals, fmt="{:.3f}"):
+    return " | ".join(fmt.format(v) for v in vals)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    quick = bool(args.quick)
+    n_train, n_test = (60, 16) if quick else (1000, 200)
+    epochs = args.epochs if args.epochs is not None else (2 if quick else 40)
+    d = args.embedding
+    t_max = 12
+    t_start = time.time()
+    train, test = load_or_make_data(out, n_train, n_test, args.seed)
+
+    ckpt = out / f"implicit_d{d}{'_quick' if quick else ''}.pt"
+    model = LPGNN(d, implicit=True)
+    losses: List[float] = []
+    if ckpt.exists() and not args.retrain:
+        model.load_state_dict(torch.load(ckpt))
+        print(f"loaded {ckpt}")
+    else:
+        print(f"training implicit GNN (embedding {d}, {n_params(model)} params, {epochs} epochs)")
+        losses = train_model(model, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"implicit d={d}")
+        torch.save(model.state_dict(), ckpt)
+    ts, errors, L = scaling_probe(model, test, t_max=t_max, n_dirs=2 if quick else 4, seed=args.seed)
+
+    print(f"\nImplicit GNN (embedding {d}, {n_params(model)} params), {n_test} test LPs; "
+          f"error = ||y - y*|| / (||y*|| + 1); L_t = max finite-difference ratio per perturbed feature "
+          f"(scaled units, eps 0.1, float64); t = 0 is y_0 = 0 (L_0 = 0)")
+    print("| t | error | " + " | ".join(f"L_t ({f})" for f in FEATURES) + " |")
+    print("|---:|---:|" + "---:|" * len(FEATURES))
+    for i, t in enumerate(ts):
+        print(f"| {t} | {errors[i]:.3f} | " + " | ".join(f"{L[f][i]:.3g}" for f in FEATURES) + " |")
+
+    results = {
+        "case": "lp", "quick": quick, "seed": args.seed, "embedding": d, "params": n_params(model),
+        "n_train": n_train, "n_test": n_test, "epochs": epochs, "train_loss": losses,
+        "t": ts, "error": errors, "L": L,
+    }
+
+    if args.table:
+        rows_out = []
+        for dd in (4, 8, 16, 32):
+            row = {"embedding": dd}
+            for kind in ("explicit", "implicit"):
+                torch.manual_seed(args.seed)
+                mdl = LPGNN(dd, implicit=(kind == "implicit"))
+                path = out / f"table_{kind}_d{dd}{'_quick' if quick else ''}.pt"
+                if path.exists() and not args.retrain:
+                    mdl.load_state_dict(torch.load(path))
+                else:
+                    t1 = time.time()
+                    train_model(mdl, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"{kind} d={dd}",
+                                log=print)
+                    torch.save(mdl.state_dict(), path)
+                    row[f"{kind}_train_s"] = round(time.time() - t1, 1)
+                row[f"{kind}_params"] = n_params(mdl)
+                row[f"{kind}_error"] = evaluate_error(mdl, test, T=8)
+            rows_out.append(row)
+        print("\nTable 1 analogue (test error at 8 iterations; explicit GNN: one pass through its 4 layers); "
+              "paper's numbers in parentheses")
+        print("| embedding | " + " | ".join(str(r["embedding"]) for r in rows_out) + " |")
+        print("|---|" + "---:|" * len(rows_out))
+        print("| explicit GNN params | " + " | ".join(
+            f"{r['explicit_params']:,} ({PAPER_TABLE[r['embedding']]['explicit_params']:,})" for r in rows_out) + " |")
+        print("| explicit GNN error | " + " | ".join(
+            f"{r['explicit_error']:.3f} ({PAPER_TABLE[r['embedding']]['explicit_error']:.3f})" for r in rows_out) + " |")
+        print("| implicit GNN params | " + " | ".join(
+            f"{r['implicit_params']:,} ({PAPER_TABLE[r['embedding']]['implicit_params']:,})" for r in rows_out) + " |")
+        print("| implicit GNN error | " + " | ".join(
+            f"{r['implicit_error']:.3f} ({PAPER_TABLE[r['embedding']]['implicit_error']:.3f})" for r in rows_out) + " |")
+        results["table"] = rows_out
+        results["paper_table"] = PAPER_TABLE
+
+    png = out / "lp_scaling.png"
+    plot(png, ts, errors, L, f"LP, implicit GNN (embedding {d}): error and L_t vs iterations")
+    results["png"] = str(png)
+    results["wall_s"] = round(time.time() - t_start, 1)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {out / 'results.json'} and {png} ({results['wall_s']} s)")
+    return 0
