@@ -20,7 +20,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.write_sep("=", "ms per iteration (min over rounds, 1 thread)")
-    sizes = sorted({(r["B"], r["D"]) for r in _ROWS})
+    sizes = sorted({(r["B"], r["D"]) for r in _ROWS}, key=str)
     for B, D in sizes:
         rows = [r for r in _ROWS if (r["B"], r["D"]) == (B, D)]
         f_only = next((r["ms_per_iter"] for r in rows if r["solver"] == "f alone"), None)

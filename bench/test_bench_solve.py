@@ -23,7 +23,7 @@ except Exception:  # torchdeq is an optional baseline
 
 
 def _rounds(D):
-    return 15 if D <= 256 else 3
+    return 40 if D <= 256 else 5
 
 
 def _run(benchmark, record_row, fn, *, solver, kind, B, D):

@@ -133,16 +133,22 @@ def solve(
         host_syncs = 0
         k = 0
         compiling = torch.compiler.is_compiling()  # once: it costs microseconds per call
+        # Hoisted out of the loop: at small sizes Python work per iteration shows up.
+        z_in = st.z if st.z.shape == shape else st.z.view(shape)
+        flat = z0.dim() == 2
+        anderson_step, picard_step = impl.anderson_step, impl.picard_step
+        is_anderson = method == "anderson"
         for k in range(max_iter):
-            fz = f(st.z.view(shape))
-            check_f_output(fz, st.z, shape)
-            fz = fz.reshape(B, -1)
+            fz = f(z_in)
+            check_f_output(fz, z_in, shape)
+            if not flat:
+                fz = fz.reshape(B, -1)
             if not compiling and _shares_storage(fz, st.z):
                 fz = fz.clone()  # f returned (a view of) its input: we update z in place
-            if method == "anderson":
-                impl.anderson_step(st, fz, params, k % m)
+            if is_anderson:
+                anderson_step(st, fz, params, k % m)
             else:
-                impl.picard_step(st, fz, params)
+                picard_step(st, fz, params)
             if k == 0:
                 st.abs0.copy_(st.abs_res)
             if trace:
@@ -151,7 +157,8 @@ def solve(
             done = k + 1
             if check_every is not None and (done % check_every == 0 or done == max_iter):
                 host_syncs += 1
-                if not bool((st.status == _RUNNING).any()):
+                # Codes are >= 0 and RUNNING is 0: one reduction answers "any running?".
+                if int(st.status.min()) != _RUNNING:
                     break
         iterations = k + 1
         st.status.masked_fill_(st.status == _RUNNING, _MAX_ITER)

@@ -26,7 +26,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class StepParams:
-    """Scalars shared by all steps of one solve."""
+    """Scalars shared by all steps of one solve (Python floats/bool: backends pass them
+    straight to their kernels, so build them with float()/bool() values)."""
 
     tol: float
     beta: float

@@ -63,7 +63,7 @@ def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     _picard_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
         st.best_z, st.best_abs, st.best_rel,
-        float(p.tol), float(p.beta), bool(p.stop_rel), float(p.divergence), float(p.eps),
+        p.tol, p.beta, p.stop_rel, p.divergence, p.eps,
     )
 
 
@@ -71,7 +71,6 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     """Type-II Anderson step (see ``reference.anderson_step``), one fused op."""
     _anderson_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
-        st.best_z, st.best_abs, st.best_rel, st.F, st.G, st.H, int(slot),
-        float(p.tol), float(p.beta), bool(p.stop_rel), float(p.divergence), float(p.eps),
-        float(p.lam),
+        st.best_z, st.best_abs, st.best_rel, st.F, st.G, st.H, slot,
+        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, p.lam,
     )
