@@ -31,13 +31,15 @@ def setup(seed: int, threads: int = 1) -> None:
     torch.manual_seed(seed)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, case: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, case: str, *, steps: bool = True) -> None:
+    """Options every case study shares; ``steps=False`` for a case that counts epochs."""
     parser.add_argument("--quick", action="store_true",
                         help="tiny data and a few training steps (seconds; used by the tests)")
     parser.add_argument("--out", default=os.path.join("runs", case), help="run folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists in --out")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: per case)")
+    if steps:
+        parser.add_argument("--steps", type=int, default=None, help="training steps (default: per case)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 

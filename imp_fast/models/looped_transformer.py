@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 from torch import nn
+
+from . import common
 
 N_CELLS = 16
 P_WALL, P_SOURCE = 0.2, 0.08
@@ -198,17 +199,11 @@ def plot(path: Path, res, title: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="a few training steps (seconds; for tests)")
-    parser.add_argument("--out", default=os.path.join("runs", "looped-transformer"),
-                        help="output folder (default runs/looped-transformer)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--retrain", action="store_true", help="ignore a saved model in --out")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 3000, quick 30)")
+    common.add_common_arguments(parser, "looped-transformer")  # --steps default 3000, quick 30
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
+    common.setup(args.seed, args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = bool(args.quick)

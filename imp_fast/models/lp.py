@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -42,6 +41,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+
+from . import common
 
 M_CONS = 10
 N_VARS = 50
@@ -415,10 +416,7 @@ def plot(path: Path, ts, errors, L, title: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny data and training (seconds; for tests)")
-    parser.add_argument("--out", default=os.path.join("runs", "lp"), help="output folder (default runs/lp)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--retrain", action="store_true", help="ignore a saved model in --out")
+    common.add_common_arguments(parser, "lp", steps=False)
     parser.add_argument("--table", action="store_true",
                         help="also train implicit and explicit GNNs at embeddings 4, 8, 16, 32 (Table 1)")
     parser.add_argument("--embedding", type=int, default=16, help="embedding size of the scaling-curve model")
@@ -431,8 +429,7 @@ def _fmt_row(vals, fmt="{:.3f}"):
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
+    common.setup(args.seed, args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = bool(args.quick)
