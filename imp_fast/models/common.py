@@ -43,6 +43,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, case: str, *, steps: b
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 
+def start_run(args: argparse.Namespace, settings: Dict[str, Dict]) -> "tuple[Dict, Path]":
+    """Seeds and threads, the quick/default settings (with --steps applied), the run folder."""
+    setup(args.seed, getattr(args, "threads", 1))
+    cfg = dict(settings["quick" if args.quick else "default"])
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, out
+
+
 def progress(iterable, **kwargs):
     """tqdm bar on a TTY, the bare iterable otherwise (or without tqdm)."""
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Tuple
 
 import torch
@@ -170,12 +169,7 @@ def _mse(pred, target):
 
 
 def run(args: argparse.Namespace) -> int:
-    common.setup(args.seed, getattr(args, "threads", 1))
-    cfg = dict(SETTINGS["quick" if args.quick else "default"])
-    if args.steps is not None:
-        cfg["steps"] = args.steps
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, out = common.start_run(args, SETTINGS)
     x_tr, y_tr = make_data(cfg["n_train"], seed=args.seed)
     x_te, y_te = make_data(cfg["n_test"], seed=args.seed + 1)
     G = DeblurG(args.variant)

@@ -211,12 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    common.setup(args.seed, getattr(args, "threads", 1))
-    cfg = dict(SETTINGS["quick" if args.quick else "default"])
-    if args.steps is not None:
-        cfg["steps"] = args.steps
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, out = common.start_run(args, SETTINGS)
     n = cfg["n_train"] + cfg["n_test"]
     x, y = cached_data(out / f"ns_data_{n}_{cfg['solver_steps']}_seed{args.seed}.pt", n, args.seed,
                        cfg["solver_steps"])
