@@ -30,6 +30,16 @@
 namespace imp_fast {
 namespace {
 
+// Hot loops get an AVX2+FMA clone beside the baseline one (GCC picks at load time via
+// ifunc), so a source build is fast on modern x86 without -march=native and still runs
+// everywhere. Clones change instruction selection only: the summation order is fixed by
+// the code (kLanes accumulators), so results agree across clones up to FMA contraction.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define IMP_FAST_HOT __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define IMP_FAST_HOT
+#endif
+
 constexpr int64_t kChunk = 4096;  // elements of one sample per task (fixed: determinism)
 constexpr int kLanes = 8;         // independent accumulators (lets the compiler vectorise)
 
@@ -45,7 +55,7 @@ inline a_t lane_sum(const a_t* s) {
 
 // sum (fz - z)^2 and sum fz^2 over n elements
 template <typename s_t, typename a_t>
-inline void residual_sums(const s_t* z, const s_t* fz, int64_t n, a_t& sg, a_t& sf) {
+IMP_FAST_HOT void residual_sums(const s_t* z, const s_t* fz, int64_t n, a_t& sg, a_t& sf) {
   a_t g[kLanes] = {}, f[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -84,6 +94,68 @@ inline a_t sum_lanes(const a_t* x, int64_t n) {
     for (int k = 0; k < kLanes; ++k) s[k] += x[j + k];
   for (int k = 0; j < n; ++j, ++k) s[k] += x[j];
   return lane_sum(s);
+}
+
+// Writes F_slot = fz and G_slot = fz - z over one chunk (Fb/Gb: the sample's (m, D)
+// buffers at the chunk offset) and the chunk's partial Gram row G_i . g into row[0:m].
+template <typename s_t, typename a_t>
+IMP_FAST_HOT void history_and_gram_row(const s_t* zb, const s_t* fb, s_t* Fb, s_t* Gb, int64_t slot,
+                                       int64_t m, int64_t D, int64_t n, a_t* gbuf, a_t* row) {
+  s_t* Fs = Fb + slot * D;
+  s_t* Gs = Gb + slot * D;
+  for (int64_t j = 0; j < n; ++j) {
+    const a_t fv = static_cast<a_t>(fb[j]);
+    const a_t g = fv - static_cast<a_t>(zb[j]);
+    gbuf[j] = g;
+    Fs[j] = fb[j];
+    Gs[j] = static_cast<s_t>(g);
+  }
+  for (int64_t i = 0; i < m; ++i) row[i] = dot_lanes(Gb + i * D, gbuf, n);
+}
+
+// out[0:n] = sum_i al[i] (F_i - (1 - beta) G_i) over one chunk (Fb/Gb as above; gacc is
+// scratch); returns the sum of out (the finiteness probe).
+template <typename s_t, typename a_t>
+IMP_FAST_HOT a_t mix_into(const s_t* Fb, const s_t* Gb, const a_t* al, a_t one_m_beta, int64_t m,
+                          int64_t D, int64_t n, a_t* out, a_t* gacc) {
+  for (int64_t i = 0; i < m; ++i) {
+    const s_t* Fi = Fb + i * D;
+    const a_t ai = al[i];
+    if (i == 0) {
+      for (int64_t j = 0; j < n; ++j) out[j] = ai * static_cast<a_t>(Fi[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[j] += ai * static_cast<a_t>(Fi[j]);
+    }
+  }
+  if (one_m_beta != a_t(0)) {
+    for (int64_t i = 0; i < m; ++i) {
+      const s_t* Gi = Gb + i * D;
+      const a_t ai = al[i];
+      if (i == 0) {
+        for (int64_t j = 0; j < n; ++j) gacc[j] = ai * static_cast<a_t>(Gi[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) gacc[j] += ai * static_cast<a_t>(Gi[j]);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) out[j] -= one_m_beta * gacc[j];
+  }
+  return sum_lanes(out, n);
+}
+
+// z <- z + beta (fz - z) over n elements; exactly fz when beta is 1 (as the reference).
+template <typename s_t, typename a_t>
+IMP_FAST_HOT void damped_update(s_t* zb, const s_t* fb, a_t beta, int64_t n) {
+  if (beta == a_t(1)) {
+    std::copy(fb, fb + n, zb);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) zb[j] = damped(zb[j], fb[j], beta);
+}
+
+// dst[0:n] = src[0:n] converted to the storage type
+template <typename s_t, typename a_t>
+IMP_FAST_HOT void store(s_t* dst, const a_t* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<s_t>(src[j]);
 }
 
 struct Shape {
@@ -221,12 +293,7 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
         s_t* zb = zp + j0;
         const s_t* fb = fp + j0;
         if (fl & kBetter) std::copy(zb, zb + n, bz + j0);
-        if (fl & kStill) {
-          for (int64_t j = 0; j < n; ++j) {
-            const a_t zv = static_cast<a_t>(zb[j]);
-            zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
-          }
-        }
+        if (fl & kStill) damped_update(zb, fb, c.beta, n);
       }
     });
   });
@@ -312,19 +379,8 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
         s_t* zb = zp + b * D + off;
         const s_t* fb = fp + b * D + off;
         if (fl & kBetter) std::copy(zb, zb + n, bz + b * D + off);
-        s_t* Fs = Fp + (b * m + slot) * D + off;
-        s_t* Gs = Gp + (b * m + slot) * D + off;
-        for (int64_t j = 0; j < n; ++j) {
-          const a_t fv = static_cast<a_t>(fb[j]);
-          const a_t g = fv - static_cast<a_t>(zb[j]);
-          gbuf[j] = g;
-          Fs[j] = fb[j];
-          Gs[j] = static_cast<s_t>(g);
-        }
-        for (int64_t i = 0; i < m; ++i) {
-          const s_t* Gi = Gp + (b * m + i) * D + off;
-          prow[(b * nc + ch) * m + i] = dot_lanes(Gi, gbuf.data(), n);
-        }
+        history_and_gram_row(zb, fb, Fp + b * m * D + off, Gp + b * m * D + off, slot, m, D, n,
+                             gbuf.data(), prow.data() + (b * nc + ch) * m);
       }
     });
 
@@ -363,37 +419,11 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
 
     // Phase 3 (still-running samples): mix, finiteness check, z update (Picard fallback).
     auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc) -> a_t {
-      const a_t* al = alpha.data() + b * m;
-      for (int64_t i = 0; i < m; ++i) {
-        const s_t* Fi = Fp + (b * m + i) * D + off;
-        const a_t ai = al[i];
-        if (i == 0) {
-          for (int64_t j = 0; j < n; ++j) out[j] = ai * static_cast<a_t>(Fi[j]);
-        } else {
-          for (int64_t j = 0; j < n; ++j) out[j] += ai * static_cast<a_t>(Fi[j]);
-        }
-      }
-      if (one_m_beta != a_t(0)) {
-        for (int64_t i = 0; i < m; ++i) {
-          const s_t* Gi = Gp + (b * m + i) * D + off;
-          const a_t ai = al[i];
-          if (i == 0) {
-            for (int64_t j = 0; j < n; ++j) gacc[j] = ai * static_cast<a_t>(Gi[j]);
-          } else {
-            for (int64_t j = 0; j < n; ++j) gacc[j] += ai * static_cast<a_t>(Gi[j]);
-          }
-        }
-        for (int64_t j = 0; j < n; ++j) out[j] -= one_m_beta * gacc[j];
-      }
-      return sum_lanes(out, n);
+      return mix_into(Fp + b * m * D + off, Gp + b * m * D + off, alpha.data() + b * m, one_m_beta, m, D,
+                      n, out, gacc);
     };
     auto picard_chunk = [&](int64_t b, int64_t off, int64_t n) {
-      s_t* zb = zp + b * D + off;
-      const s_t* fb = fp + b * D + off;
-      for (int64_t j = 0; j < n; ++j) {
-        const a_t zv = static_cast<a_t>(zb[j]);
-        zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
-      }
+      damped_update(zp + b * D + off, fp + b * D + off, c.beta, n);
     };
     if (nc == 1) {
       // whole sample in one task: mix into a local buffer, check, write z
@@ -405,8 +435,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
           bool ok = solved[b] != 0;
           if (ok) ok = std::isfinite(mix_chunk(b, 0, D, out.data(), gacc.data()));
           if (ok) {
-            s_t* zb = zp + b * D;
-            for (int64_t j = 0; j < D; ++j) zb[j] = static_cast<s_t>(out[j]);
+            store(zp + b * D, out.data(), D);
           } else {
             picard_chunk(b, 0, D);
           }
@@ -439,9 +468,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
           if (!(flags[b] & kStill)) continue;
           const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
           if (ok[b]) {
-            s_t* zb = zp + b * D + off;
-            const a_t* wb = wp + b * D + off;
-            for (int64_t j = 0; j < n; ++j) zb[j] = static_cast<s_t>(wb[j]);
+            store(zp + b * D + off, wp + b * D + off, n);
           } else {
             picard_chunk(b, off, n);
           }

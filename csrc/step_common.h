@@ -70,4 +70,13 @@ C10_HOST_DEVICE inline uint8_t sample_head(a_t sg, a_t sf, int64_t b, int8_t* st
   return fl;
 }
 
+// The damped Picard update z + beta (f - z) of one element; exactly f when beta is 1
+// (as the reference backend).
+template <typename s_t, typename a_t>
+C10_HOST_DEVICE inline s_t damped(s_t z, s_t f, a_t beta) {
+  if (beta == a_t(1)) return f;
+  const a_t zv = static_cast<a_t>(z);
+  return static_cast<s_t>(zv + beta * (static_cast<a_t>(f) - zv));
+}
+
 }  // namespace imp_fast

@@ -382,13 +382,26 @@ def _radial_grid(H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     return KY, KX, torch.sqrt(KY ** 2 + KX ** 2)
 
 
-def fourier_radii(H: int, W: int, frequencies: Iterable[float]) -> torch.Tensor:
+def _check_k_max(k_max: Optional[float]) -> Optional[float]:
+    if k_max is None:
+        return None
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, float)) or not math.isfinite(k_max) or k_max < 1:
+        raise ValueError(f"k_max must be None or a finite number >= 1 (the band's largest |k|), got {k_max!r}")
+    return float(k_max)
+
+
+def fourier_radii(H: int, W: int, frequencies: Iterable[float], *, k_max: Optional[float] = None) -> torch.Tensor:
     """The radial frequencies |k| (integer cycles per field) that :func:`fourier_directions`
     picks: for each percentile q, the entry at index round(q * (n - 1)) of the sorted |k|
-    of the n nonzero modes of an H x W grid."""
+    of the n nonzero modes of an H x W grid, or of those with |k| <= ``k_max`` when given
+    (percentiles of a band, e.g. the band the inputs live in)."""
+    k_max = _check_k_max(k_max)
     _, _, R = _radial_grid(H, W)
     r = R.flatten()
-    r = torch.sort(r[r > 0]).values
+    keep = r > 0
+    if k_max is not None:
+        keep &= r <= k_max + 1e-9
+    r = torch.sort(r[keep]).values
     n = r.numel()
     return torch.stack([r[int(round(q * (n - 1)))] for q in frequencies])
 
@@ -397,6 +410,7 @@ def fourier_directions(
     shape: Sequence[int],
     frequencies: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
     *,
+    k_max: Optional[float] = None,
     dtype: torch.dtype = torch.float32,
     device=None,
 ) -> torch.Tensor:
@@ -406,6 +420,10 @@ def fourier_directions(
     |k| is the q-quantile of the |k| of all nonzero modes of the H x W grid (see
     :func:`fourier_radii`), and returns ``cos(2 pi (k_y i / H + k_x j / W))`` repeated
     over the leading dims and normalised to unit L2 norm over the whole ``shape``.
+
+    ``k_max`` restricts the percentiles to the band 0 < |k| <= k_max: use it when the
+    inputs are band-limited (a model never trained on modes outside the band has no
+    reason to respond to them, so full-grid percentiles would probe only its noise floor).
 
     Returns:
         (P, *shape) tensor, P = len(frequencies), usable as ``directions`` of
@@ -428,7 +446,7 @@ def fourier_directions(
         raise TypeError(f"dtype must be one of {', '.join(str(d) for d in SUPPORTED_DTYPES)}, got {dtype!r}")
     H, W = shape[-2], shape[-1]
     KY, KX, R = _radial_grid(H, W)
-    radii = fourier_radii(H, W, freqs)
+    radii = fourier_radii(H, W, freqs, k_max=k_max)
     iy = torch.arange(H, dtype=torch.float64).view(H, 1)
     ix = torch.arange(W, dtype=torch.float64).view(1, W)
     out = []

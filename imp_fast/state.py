@@ -11,8 +11,8 @@ of the samples still running, and move only those samples' ``z`` forward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -54,6 +54,7 @@ class LoopState:
     H:        (B, m, m) compute dtype, Gram matrix G G^T, kept current by one new
               row/column per step; unwritten diagonal entries hold a huge value so
               their mixing weights are (numerically) zero.
+    cache:    backend-private scratch for one solve (views, buffers).
     """
 
     z: torch.Tensor
@@ -68,28 +69,42 @@ class LoopState:
     F: Optional[torch.Tensor] = None
     G: Optional[torch.Tensor] = None
     H: Optional[torch.Tensor] = None
+    # Backend-private, per-solve: e.g. views of the tensors above, made once instead of
+    # once per iteration. Never holds results.
+    cache: Dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # Weight of unwritten Gram diagonal entries: large enough that their weight
     # 1/UNSET_DIAG vanishes next to real ones, small enough to stay finite in float32.
     UNSET_DIAG = 1e30
+
+    def tensors(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The state's tensor fields by name (``cache`` left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cache"}
+
+    def clone(self) -> "LoopState":
+        """A copy with cloned tensors and an empty cache."""
+        return LoopState(**{k: None if v is None else v.clone() for k, v in self.tensors().items()})
 
     @classmethod
     def create(cls, z: torch.Tensor, *, m: Optional[int], return_best: bool) -> "LoopState":
         B, D = z.shape
         cdt = compute_dtype(z.dtype)
         dev = z.device
+        res = torch.zeros(2, B, dtype=cdt, device=dev)
         st = cls(
             z=z,
             status=torch.zeros(B, dtype=torch.int8, device=dev),
             n_iter=torch.zeros(B, dtype=torch.int32, device=dev),
-            abs_res=torch.zeros(B, dtype=cdt, device=dev),
-            rel_res=torch.zeros(B, dtype=cdt, device=dev),
+            # abs_res and rel_res are the rows of one (2, B) tensor, so a backend may
+            # update both with one op (each is still a contiguous (B,) tensor).
+            abs_res=res[0],
+            rel_res=res[1],
             abs0=torch.full((B,), float("inf"), dtype=cdt, device=dev),
         )
         if return_best:
             st.best_z = z.clone()
-            st.best_abs = torch.full((B,), float("inf"), dtype=cdt, device=dev)
-            st.best_rel = torch.full((B,), float("inf"), dtype=cdt, device=dev)
+            best = torch.full((2, B), float("inf"), dtype=cdt, device=dev)
+            st.best_abs, st.best_rel = best[0], best[1]
         if m is not None:
             st.F = torch.zeros(B, m, D, dtype=z.dtype, device=dev)
             st.G = torch.zeros(B, m, D, dtype=z.dtype, device=dev)

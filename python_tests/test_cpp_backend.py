@@ -26,7 +26,7 @@ B = 8
 
 
 def _clone_state(st):
-    return LoopState(**{k: (None if v is None else v.clone()) for k, v in vars(st).items()})
+    return st.clone()
 
 
 def _make_state(D, dtype, m, best, *, filled=0, seed=0):
@@ -312,7 +312,7 @@ def test_fake_kernels_and_schema():
     st, f, gen = _make_state(9, torch.float32, 2, True)
     fz = f(st.z)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    fst = LoopState(**{k: (None if v is None else mode.from_tensor(v)) for k, v in vars(st).items()})
+    fst = LoopState(**{k: (None if v is None else mode.from_tensor(v)) for k, v in st.tensors().items()})
     ffz = mode.from_tensor(fz)
     with mode:
         p = StepParams(tol=1e-4, beta=1.0, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)

@@ -30,11 +30,53 @@ def test_reachability_labels_on_hand_made_cases(cells, expected):
     assert lt.reachability_labels(_t(cells).unsqueeze(0))[0].tolist() == lab.tolist()
 
 
-def test_sampled_tokens_follow_the_probabilities():
-    tok = lt.sample_tokens(4000, torch.Generator().manual_seed(0))
+def test_unconditioned_tokens_follow_the_probabilities():
+    tok = lt.sample_tokens(4000, torch.Generator().manual_seed(0), hard_radius=None)
     assert tok.shape == (4000, lt.N_CELLS)
-    assert abs((tok == lt.WALL).float().mean() - 0.2) < 0.01
-    assert abs((tok == lt.SOURCE).float().mean() - 0.08) < 0.01
+    assert abs((tok == lt.WALL).float().mean() - lt.P_WALL) < 0.01
+    assert abs((tok == lt.SOURCE).float().mean() - lt.P_SOURCE) < 0.01
+
+
+def test_sampled_rows_are_ambiguous_at_the_hard_radius_and_deterministic():
+    tok = lt.sample_tokens(300, torch.Generator().manual_seed(0))
+    assert tok.shape == (300, lt.N_CELLS)
+    assert torch.equal(tok, lt.sample_tokens(300, torch.Generator().manual_seed(0)))
+    assert lt.ambiguous_rows(tok, lt.HARD_RADIUS).all()
+    # most unconditioned rows are not ambiguous, so the condition does select
+    free = lt.sample_tokens(2000, torch.Generator().manual_seed(1), hard_radius=None)
+    assert lt.ambiguous_rows(free, lt.HARD_RADIUS).float().mean() < 0.3
+
+
+@pytest.mark.parametrize("cells,radius,expected", [
+    # cells 3 and 12 both see "....." but only the left one reaches the source
+    ("S.....#.........", 2, True),
+    ("S.....#........S", 2, False),  # every open cell reachable: labels all equal
+    ("S.....#.........", 6, False),  # radius 6 tells the two segments apart
+    ("..S..#..S..#..S.", 2, False),  # a source in every segment
+])
+def test_ambiguous_rows_on_hand_made_cases(cells, radius, expected):
+    assert bool(lt.ambiguous_rows(_t(cells).unsqueeze(0), radius)[0]) is expected
+
+
+def test_no_model_labels_a_hard_row_within_the_hard_radius():
+    """Two cells with equal radius-2 views get equal outputs after 2 loops, whatever the
+    weights; their labels differ, so the row is wrong at t <= 2."""
+    torch.manual_seed(0)
+    model = lt.LoopedTransformer().eval()
+    tok = _t("S.....#.........").unsqueeze(0)  # cells 3 and 12 both see "....."
+    out = model.logits_per_t(tok, ts=(1, 2))
+    lab = lt.reachability_labels(tok)[0]
+    assert lab[3] != lab[12]
+    for t in (1, 2):
+        torch.testing.assert_close(out[t][0, 3], out[t][0, 12])
+
+
+def test_sample_tokens_rejects_bad_arguments():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="hard_radius"):
+        lt.sample_tokens(4, g, hard_radius=8)
+    with pytest.raises(ValueError, match="n must be"):
+        lt.sample_tokens(-1, g)
 
 
 def test_information_travels_one_cell_per_loop():
@@ -53,7 +95,7 @@ def test_information_travels_one_cell_per_loop():
 def test_quick_training_lowers_the_loss():
     torch.manual_seed(0)
     model = lt.LoopedTransformer()
-    losses = lt.train(model, steps=40, batch=32, t_range=(4, 9), grad_loops=3, log=None)
+    losses = lt.train(model, steps=60, batch=32, t_range=(8, 13), grad_loops=3, log=None)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
 
 

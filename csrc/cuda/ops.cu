@@ -80,10 +80,7 @@ __global__ void picard_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, i
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
     const s_t zs = zb[j];
     if (fl & kBetter) best_z[b * D + j] = zs;
-    if (fl & kStill) {
-      const a_t zv = static_cast<a_t>(zs);
-      zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
-    }
+    if (fl & kStill) zb[j] = damped(zs, fb[j], c.beta);
   }
 }
 
@@ -194,8 +191,7 @@ __global__ void anderson_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz,
     if (ok) {
       zb[j] = static_cast<s_t>(wb[j]);
     } else {
-      const a_t zv = static_cast<a_t>(zb[j]);
-      zb[j] = static_cast<s_t>(zv + c.beta * (static_cast<a_t>(fb[j]) - zv));
+      zb[j] = damped(zb[j], fb[j], c.beta);
     }
   }
 }

@@ -2,12 +2,14 @@
 
 This is the ground truth every other backend is tested against, and the fallback on
 any device. It is also written to be cheap in op count, since at small sizes the
-per-op dispatch cost is what a solve spends its time on: constants are cached, no
-Python scalars go through ``torch.where``, casts happen only when dtypes differ.
+per-op dispatch cost is what a solve spends its time on: constants (status codes, tol,
+eps, ...) are cached 0-dim tensors, because an op with a Python-scalar operand first wraps
+it in a tensor (about 1 us each at (8, 256)); casts happen only when dtypes differ;
+results are written in place into the state where an op allows it.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -19,66 +21,205 @@ __all__ = ["picard_step", "anderson_step", "NAME"]
 NAME = "reference"
 
 _consts: Dict[Tuple, Tuple[torch.Tensor, ...]] = {}
+_MAX_CONSTS = 256  # many distinct (params, dtype, device) keys: start over, do not grow
+
+
+def _cached(key: Tuple, make) -> Tuple[torch.Tensor, ...]:
+    hit = _consts.get(key)
+    if hit is None:
+        if len(_consts) >= _MAX_CONSTS:
+            _consts.clear()
+        hit = _consts[key] = make()
+    return hit
 
 
 def _codes(device: torch.device) -> Tuple[torch.Tensor, ...]:
-    key = ("codes", device)
-    if key not in _consts:
-        _consts[key] = tuple(
-            torch.tensor(int(s), dtype=torch.int8, device=device)
-            for s in (Status.RUNNING, Status.CONVERGED, Status.DIVERGED, Status.NONFINITE)
-        )
-    return _consts[key]
+    """0-dim int8 status codes: RUNNING, CONVERGED, DIVERGED, NONFINITE."""
+    return _cached(("codes", device), lambda: tuple(
+        torch.tensor(int(s), dtype=torch.int8, device=device)
+        for s in (Status.RUNNING, Status.CONVERGED, Status.DIVERGED, Status.NONFINITE)
+    ))
 
 
-def _eye_ones(m: int, B: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    key = ("eye", m, B, dtype, device)
-    if key not in _consts:
-        _consts[key] = (torch.eye(m, dtype=dtype, device=device), torch.ones(B, m, dtype=dtype, device=device))
-    return _consts[key]
+def _scalars(p: StepParams, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """0-dim tensors tol, eps, divergence, +inf, 0 in the compute dtype."""
+    return _cached(("scalars", p, dtype, device), lambda: tuple(
+        torch.tensor(v, dtype=dtype, device=device) for v in (p.tol, p.eps, p.divergence, float("inf"), 0.0)
+    ))
+
+
+def _ridge_eye_ones(m: int, B: int, lam: float, dtype: torch.dtype, device: torch.device):
+    """lam * I (m, m) and the (B, m, 1) right-hand side of ones, cached."""
+    return _cached(("ridge_eye", m, B, lam, dtype, device), lambda: (
+        torch.eye(m, dtype=dtype, device=device).mul_(lam),
+        torch.ones(B, m, 1, dtype=dtype, device=device),
+    ))
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams):
-    """Shared head of every step: residuals, new statuses, masks.
+class _Cols(NamedTuple):
+    """(B, 1) views of the per-sample state (a view op costs about 1 us: made once).
+    ``res``/``best``: (2, B, 1) views over (abs, rel) when LoopState.create packed them
+    into one (2, B) tensor (else None); ``scratch`` (2, B, 1) holds a step's new
+    residuals, ``new_abs``/``new_rel`` are its rows; ``code`` (B, 1) the new codes."""
 
-    Returns (g, still) where g = f(z) - z in compute dtype and still is the (B,) mask
-    of samples that keep running, i.e. whose z moves this step.
+    status: torch.Tensor
+    n_iter: torch.Tensor
+    abs_res: torch.Tensor
+    rel_res: torch.Tensor
+    abs0: torch.Tensor
+    best_abs: Optional[torch.Tensor]
+    best_rel: Optional[torch.Tensor]
+    res: Optional[torch.Tensor]
+    best: Optional[torch.Tensor]
+    new_abs: torch.Tensor
+    new_rel: torch.Tensor
+    scratch: torch.Tensor
+    code: torch.Tensor
+
+
+def _pair(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(2, B, 1) view over a and b when b directly follows a in one storage, else None."""
+    if a is None or b is None or not (a.is_contiguous() and b.is_contiguous()) or a.dtype != b.dtype:
+        return None
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return None
+    if b.data_ptr() - a.data_ptr() != a.numel() * a.element_size():
+        return None
+    return a.as_strided((2, a.numel(), 1), (a.numel(), 1, 1))
+
+
+def _cols(st: LoopState) -> _Cols:
+    c = st.cache.get("cols")
+    if c is None:
+        def col(t):
+            return None if t is None else t.unsqueeze(1)
+
+        scratch = torch.empty(2, st.z.shape[0], 1, dtype=st.abs_res.dtype, device=st.z.device)
+        c = st.cache["cols"] = _Cols(
+            *(col(t) for t in (st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0, st.best_abs, st.best_rel)),
+            _pair(st.abs_res, st.rel_res), _pair(st.best_abs, st.best_rel), scratch[0], scratch[1], scratch,
+            torch.empty(st.z.shape[0], 1, dtype=st.status.dtype, device=st.z.device),
+        )
+    return c
+
+
+def _slot_views(st: LoopState, slot: int) -> Tuple[torch.Tensor, ...]:
+    """F_i and G_i (B, D), G_i as (B, 1, D), H's row i and column i (B, m), H_ii (B, 1, 1)."""
+    hit = st.cache.get(slot)
+    if hit is None:
+        g_i = st.G.select(1, slot)
+        hit = st.cache[slot] = (st.F.select(1, slot), g_i, g_i.unsqueeze(1), st.H.select(1, slot),
+                                st.H.select(2, slot), st.H[:, slot:slot + 1, slot:slot + 1])
+    return hit
+
+
+def _versioned(st: LoopState, key: str, source: torch.Tensor, make):
+    """make() cached until ``source`` is written to (tensor version counters count
+    in-place writes, so a stale value is never used). Inference-mode tensors have no
+    version counter, and tracing gains nothing from it: there make() runs every time."""
+    track = st.cache.get("track_versions")
+    if track is None:
+        track = st.cache["track_versions"] = not (source.is_inference() or torch.compiler.is_compiling())
+    if not track:
+        return make()
+    hit = st.cache.get(key)
+    if hit is None or hit[0] != source._version:
+        hit = st.cache[key] = (source._version, make())
+    return hit[1]
+
+
+class _Consts(NamedTuple):
+    tol: torch.Tensor
+    eps: torch.Tensor
+    divergence: torch.Tensor
+    inf: torch.Tensor
+    fzero: torch.Tensor
+    running: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+def _consts_for(st: LoopState, p: StepParams) -> _Consts:
+    """The step's 0-dim constants, looked up once per solve (kept in ``st.cache``)."""
+    c = st.cache.get(p)
+    if c is None:
+        c = st.cache[p] = _Consts(*_scalars(p, st.abs_res.dtype, st.z.device), *_codes(st.status.device))
+    return c
+
+
+def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams, c: _Consts, cols: _Cols,
+                          g_out=None) -> torch.Tensor:
+    """Shared head of every step: residuals, statuses, best iterate.
+
+    Returns g = f(z) - z in compute dtype. Per-sample quantities are (B, 1) columns so
+    that masks broadcast over (B, D) without reshapes. With ``g_out`` (a (B, D) view of
+    the Anderson residual history) g is also stored there, written in place when the
+    storage dtype is the compute dtype.
     """
     cdt = st.abs_res.dtype
-    g = _cast(fz, cdt) - _cast(st.z, cdt)
-    abs_r = torch.linalg.vector_norm(g, dim=1)
-    rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1, dtype=cdt) + p.eps)
+    if g_out is not None and g_out.dtype == cdt and fz.dtype == cdt and st.z.dtype == cdt:
+        g = torch.sub(fz, st.z, out=g_out)
+    else:
+        g = _cast(fz, cdt) - _cast(st.z, cdt)
+        if g_out is not None:
+            g_out.copy_(g)
+    abs_r, rel_r = cols.new_abs, cols.new_rel
+    torch.linalg.vector_norm(g, dim=1, keepdim=True, out=abs_r)
+    torch.linalg.vector_norm(fz, dim=1, keepdim=True, dtype=cdt, out=rel_r)
+    torch.div(abs_r, rel_r.add_(c.eps), out=rel_r)
     res = rel_r if p.stop_rel else abs_r
-    running = st.status == 0
-    zero, conv, div, nonfin = _codes(st.status.device)
-    # Test order fixes the precedence NONFINITE > CONVERGED > DIVERGED; (x - x) != 0
-    # is True exactly for NaN and +-Inf (cheaper than isfinite).
-    code = torch.where(abs_r > p.divergence * st.abs0, div, zero)
-    code = torch.where(res < p.tol, conv, code)
-    code = torch.where((abs_r - abs_r) != 0, nonfin, code)
+    # The mask of running samples, and the divergence bound, change only when the
+    # status / abs0 are written: reuse them until then.
+    running = _versioned(st, "running", st.status, lambda: cols.status == c.running)
+    bound = _versioned(st, "bound", st.abs0, lambda: cols.abs0 * c.divergence)
+    # Test order fixes the precedence NONFINITE > CONVERGED > DIVERGED. A norm is >= 0
+    # or NaN, so `abs_r < inf` is False exactly for NaN and +inf.
+    code = cols.code
+    torch.where(abs_r > bound, c.diverged, c.running, out=code)
+    torch.where(res < c.tol, c.converged, code, out=code)
+    torch.where(abs_r < c.inf, code, c.nonfinite, out=code)
     # where(..., out=x) with x also an input is safe: it is elementwise.
     if st.best_z is not None:
-        better = running & (res < (st.best_rel if p.stop_rel else st.best_abs))
-        torch.where(better[:, None], st.z, st.best_z, out=st.best_z)
-        torch.where(better, abs_r, st.best_abs, out=st.best_abs)
-        torch.where(better, rel_r, st.best_rel, out=st.best_rel)
-    torch.where(running, abs_r, st.abs_res, out=st.abs_res)
-    torch.where(running, rel_r, st.rel_res, out=st.rel_res)
-    torch.where(running, code, st.status, out=st.status)
-    still = st.status == 0
-    st.n_iter.add_(still)
-    return g, still
+        better = running & (res < (cols.best_rel if p.stop_rel else cols.best_abs))
+        torch.where(better, st.z, st.best_z, out=st.best_z)
+        if cols.best is not None:
+            torch.where(better, cols.scratch, cols.best, out=cols.best)
+        else:
+            torch.where(better, abs_r, cols.best_abs, out=cols.best_abs)
+            torch.where(better, rel_r, cols.best_rel, out=cols.best_rel)
+    if cols.res is not None:  # abs_res and rel_res in one op
+        torch.where(running, cols.scratch, cols.res, out=cols.res)
+    else:
+        torch.where(running, abs_r, cols.abs_res, out=cols.abs_res)
+        torch.where(running, rel_r, cols.rel_res, out=cols.rel_res)
+    torch.where(running, code, cols.status, out=cols.status)
+    return g
+
+
+def _count_and_move(st: LoopState, z_new: torch.Tensor, c: _Consts, cols: _Cols) -> None:
+    """n_iter += 1 and z <- z_new for the samples still running after this step's checks."""
+    still = cols.status == c.running
+    if st.cache.get("track_versions"):
+        st.cache["running"] = (st.status._version, still)  # the next step's running mask
+    cols.n_iter.add_(still)
+    torch.where(still, _cast(z_new, st.z.dtype), st.z, out=st.z)
 
 
 def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
-    g, still = _residuals_and_status(st, fz, p)
-    z_new = _cast(torch.add(_cast(st.z, g.dtype), g, alpha=p.beta), st.z.dtype)
-    torch.where(still[:, None], z_new, st.z, out=st.z)
+    c, cols = _consts_for(st, p), _cols(st)
+    g = _residuals_and_status(st, fz, p, c, cols)
+    _count_and_move(st, _picard_update(st, fz, g, p.beta), c, cols)
+
+
+def _picard_update(st: LoopState, fz: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
+    """(1 - beta) z + beta f(z) = z + beta g; exactly f(z) when beta is 1."""
+    return fz if beta == 1.0 else torch.add(_cast(st.z, g.dtype), g, alpha=beta)
 
 
 def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
@@ -90,26 +231,58 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     z <- sum_i a_i (F_i - (1 - beta) G_i). A sample whose small system is singular or
     whose mix is not finite takes the damped Picard step z + beta g instead.
     """
-    g, still = _residuals_and_status(st, fz, p)
     F, G, H = st.F, st.G, st.H
     cdt = H.dtype
-    B, m = H.shape[0], H.shape[1]
-    F.select(1, slot).copy_(fz)
-    G.select(1, slot).copy_(g)
-    # vecdot beats bmm for this (B, m, D) x (B, D) product on CPU at every size tried.
-    row = torch.linalg.vecdot(_cast(G, cdt), g.unsqueeze(1))  # (B, m): G_i . g
-    H.select(1, slot).copy_(row)
-    H.select(2, slot).copy_(row)
-    eye, ones = _eye_ones(m, B, cdt, H.device)
-    # Ridge relative to the newest residual's squared norm, i.e. to the Gram's scale.
-    ridge = (p.lam * row.select(1, slot)).view(B, 1, 1)
-    a, info = torch.linalg.solve_ex(torch.addcmul(H, ridge, eye), ones)
-    a = (a / a.sum(dim=1, keepdim=True)).unsqueeze(1)
-    mix = torch.bmm(a, _cast(F, cdt))
+    B, m, D = G.shape
+    c, cols = _consts_for(st, p), _cols(st)
+    f_i, g_i, g_i3, h_row, h_col, h_ii = _slot_views(st, slot)
+    g = _residuals_and_status(st, fz, p, c, cols, g_out=g_i)
+    if g is not g_i:
+        g_i3 = g.unsqueeze(1)
+    f_i.copy_(fz)
+    # Row `slot` of H is G_j . g, written in place; the column is its copy. (vecdot
+    # beats bmm for this (B, m, D) x (B, 1, D) product on CPU at every size tried.)
+    if G.dtype == cdt:
+        torch.linalg.vecdot(G, g_i3, out=h_row)
+    else:
+        h_row.copy_(torch.linalg.vecdot(G.to(cdt), g_i3))
+    h_col.copy_(h_row)
+    lam_eye, ones, lu, piv, info, y, a, a_row, a_col, mix, mix3 = _anderson_buffers(st, p.lam)
+    # Ridge lam * ||g||^2 (= H_ii): relative to the newest residual, i.e. to the Gram's
+    # scale. With P A = L U and a right-hand side of ones (P 1 = 1), two triangular
+    # solves give A^-1 1: cheaper than solve_ex, which also permutes and copies. `lu` is
+    # column-major, so LAPACK factorises it in place.
+    torch.addcmul(H, h_ii, lam_eye, out=lu)
+    torch.linalg.lu_factor_ex(lu, out=(lu, piv, info))
+    torch.linalg.solve_triangular(lu, ones, upper=False, unitriangular=True, out=y)
+    torch.linalg.solve_triangular(lu, y, upper=True, out=a)
+    torch.div(a, a.sum(dim=1, keepdim=True), out=a_col)  # a_col is a (B, m, 1) view of a_row
+    torch.bmm(a_row, _cast(F, cdt), out=mix3)
     if p.beta != 1.0:
-        mix = torch.baddbmm(mix, a, _cast(G, cdt), alpha=-(1.0 - p.beta))
-    mix = mix.squeeze(1)
-    s = mix.sum(dim=1)
-    ok = (info == 0) & ((s - s) == 0)
-    z_new = torch.where(ok[:, None], mix, torch.add(_cast(st.z, cdt), g, alpha=p.beta))
-    torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z, out=st.z)
+        torch.baddbmm(mix3, a_row, _cast(G, cdt), alpha=-(1.0 - p.beta), out=mix3)
+    # An exactly singular system divides by a zero pivot, so its weights, hence the
+    # mix, are not finite: one finiteness test covers both fallbacks.
+    s = mix.sum(dim=1, keepdim=True)
+    torch.where((s - s) == c.fzero, mix, _picard_update(st, fz, g, p.beta), out=mix)
+    _count_and_move(st, mix, c, cols)
+
+
+def _anderson_buffers(st: LoopState, lam: float) -> Tuple[torch.Tensor, ...]:
+    """Per-solve constants and scratch: lam*I, ones (B, m, 1), the LU factors (column-
+    major), pivots, info, the two triangular solves' results, the normalised weights as a
+    (B, 1, m) row with its (B, m, 1) transpose view, and the mix (B, D) with its
+    (B, 1, D) view."""
+    key = ("anderson", lam)
+    hit = st.cache.get(key)
+    if hit is None:
+        B, m, D = st.G.shape
+        cdt, dev = st.H.dtype, st.H.device
+        lam_eye, ones = _ridge_eye_ones(m, B, lam, cdt, dev)
+        lu = torch.empty(B, m, m, dtype=cdt, device=dev).mT
+        piv = torch.empty(B, m, dtype=torch.int32, device=dev)
+        info = torch.empty(B, dtype=torch.int32, device=dev)
+        y, a = torch.empty(B, m, 1, dtype=cdt, device=dev), torch.empty(B, m, 1, dtype=cdt, device=dev)
+        a_row = torch.empty(B, 1, m, dtype=cdt, device=dev)
+        mix = torch.empty(B, D, dtype=cdt, device=dev)
+        hit = st.cache[key] = (lam_eye, ones, lu, piv, info, y, a, a_row, a_row.mT, mix, mix.unsqueeze(1))
+    return hit

@@ -2,7 +2,9 @@
 
 Task: a row of 16 cells, each empty (0), wall (1, p 0.2) or source (2, p 0.08). The label
 of a cell is 1 when the cell is not a wall and its wall-delimited segment holds a
-source, else 0. Model: one pre-LN transformer block (d = 32, 2 heads, attention masked to
+source, else 0. Rows are drawn conditioned on being unsolvable in two loops (two cells
+with identical 5-cell neighbourhoods but different labels), so that, as in the paper,
+accuracy has to be bought with loops. Model: one pre-LN transformer block (d = 32, 2 heads, attention masked to
 |i - j| <= 1, so information travels one cell per loop) looped with input injection,
 z_t = Block(Linear([z_{t-1}, e])), z_0 = 0, e the token embedding; the readout is
 Linear(LN(z_t)) -> one logit per cell. Training: AdamW 1e-3, T ~ U[8, 32], gradient
@@ -18,7 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from . import common
 
 N_CELLS = 16
 P_WALL, P_SOURCE = 0.2, 0.08
+HARD_RADIUS = 2  # rows no model solves within this many loops (see sample_tokens)
 EMPTY, WALL, SOURCE = 0, 1, 2
 TS = (1, 2, 4, 8, 16, 32)
 
@@ -35,12 +38,53 @@ TS = (1, 2, 4, 8, 16, 32)
 # data
 
 
-def sample_tokens(n: int, generator: torch.Generator, length: int = N_CELLS) -> torch.Tensor:
-    u = torch.rand(n, length, generator=generator)
-    tok = torch.full((n, length), EMPTY, dtype=torch.long)
-    tok[u < P_WALL] = WALL
-    tok[(u >= P_WALL) & (u < P_WALL + P_SOURCE)] = SOURCE
-    return tok
+def sample_tokens(n: int, generator: torch.Generator, length: int = N_CELLS, *,
+                  hard_radius: Optional[int] = HARD_RADIUS) -> torch.Tensor:
+    """(n, length) long tokens: each cell a wall with probability P_WALL, a source with
+    P_SOURCE, else empty.
+
+    With ``hard_radius = r`` (default 2, used for training and evaluation) a row is kept
+    only when two of its cells have identical neighbourhoods of radius r (tokens at
+    distance <= r, row ends included) but different labels. The model's output at a
+    cell after t loops depends only on that cell's radius-t neighbourhood, so no model
+    labels such a row right within r loops: the row needs information to travel further.
+    (About 9% of unconditioned rows qualify for r = 2.) ``None`` keeps every row.
+    Rejection sampling, deterministic given ``generator``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an int >= 2, got {length!r}")
+    if hard_radius is not None and (isinstance(hard_radius, bool) or not isinstance(hard_radius, int)
+                                    or not 0 <= hard_radius < length // 2):
+        raise ValueError(f"hard_radius must be None or an int in [0, {length // 2}), got {hard_radius!r}")
+    rows: List[torch.Tensor] = []
+    have = 0
+    while True:
+        u = torch.rand(max(12 * (n - have), 256), length, generator=generator)
+        tok = torch.full(u.shape, EMPTY, dtype=torch.long)
+        tok[u < P_WALL] = WALL
+        tok[(u >= P_WALL) & (u < P_WALL + P_SOURCE)] = SOURCE
+        if hard_radius is not None:
+            tok = tok[ambiguous_rows(tok, hard_radius)]
+        rows.append(tok)
+        have += tok.shape[0]
+        if have >= n:
+            return torch.cat(rows)[:n]
+
+
+def ambiguous_rows(tokens: torch.Tensor, radius: int) -> torch.Tensor:
+    """(n,) bool: the row has two cells with equal radius-``radius`` neighbourhoods
+    (positions past the row ends read as a fourth token) and different labels."""
+    n, L = tokens.shape
+    lab = reachability_labels(tokens)
+    padded = torch.nn.functional.pad(tokens, (radius, radius), value=3)
+    code = torch.zeros(n, L, dtype=torch.long)
+    for k in range(2 * radius + 1):  # base-4 code of each window
+        code = code * 4 + padded[:, k:k + L]
+    same_view = code[:, :, None] == code[:, None, :]
+    other_label = lab[:, :, None] != lab[:, None, :]
+    return (same_view & other_label).flatten(1).any(1)
 
 
 def reachability_labels(tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""The reference steps' per-solve caches (views, masks, bounds in LoopState.cache) never
+go stale: edits to the state between steps are honoured, inference mode works."""
+import pytest
+import torch
+
+import imp_fast
+from imp_fast.backends import reference
+from imp_fast.result import Status
+from imp_fast.state import LoopState, StepParams
+
+P = StepParams(tol=1e-30, beta=1.0, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)
+
+
+def _f(z):
+    return torch.tanh(0.5 * z.roll(1, dims=1) + 0.3)
+
+
+def _step(method, st, k):
+    fz = _f(st.z)
+    if method == "anderson":
+        reference.anderson_step(st, fz, P, k % st.H.shape[1])
+    else:
+        reference.picard_step(st, fz, P)
+    if k == 0:
+        st.abs0.copy_(st.abs_res)
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_status_written_between_steps_freezes_the_sample(method):
+    st = LoopState.create(torch.zeros(3, 10), m=3 if method == "anderson" else None, return_best=False)
+    for k in range(2):
+        _step(method, st, k)
+    st.status[1] = int(Status.CONVERGED)  # the caller freezes sample 1 by hand
+    z1, n1 = st.z[1].clone(), int(st.n_iter[1])
+    for k in range(2, 5):
+        _step(method, st, k)
+    assert torch.equal(st.z[1], z1) and int(st.n_iter[1]) == n1
+    assert st.n_iter.tolist() == [5, n1, 5]
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_abs0_written_between_steps_moves_the_divergence_bound(method):
+    st = LoopState.create(torch.zeros(2, 10), m=3 if method == "anderson" else None, return_best=False)
+    for k in range(2):
+        _step(method, st, k)
+    assert st.status.tolist() == [0, 0]
+    st.abs0[0] = 1e-12  # now sample 0's residual is far past divergence * abs0
+    _step(method, st, 2)
+    assert st.status.tolist() == [int(Status.DIVERGED), 0]
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_inference_mode_matches_no_grad(method):
+    z0 = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
+    want = imp_fast.solve(_f, z0, method=method, backend="reference", tol=1e-6, max_iter=40)
+    with torch.inference_mode():
+        got = imp_fast.solve(_f, z0, method=method, backend="reference", tol=1e-6, max_iter=40)
+    assert torch.equal(got.z, want.z)
+    assert torch.equal(got.n_iter, want.n_iter) and torch.equal(got.status, want.status)
+
+
+def test_singular_float32_system_falls_back_to_damped_picard():
+    """Exactly singular bordered system (zero Gram, lam = 0): the zero pivot makes the
+    weights non-finite, so the sample takes z + beta g."""
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    st = LoopState.create(z.clone(), m=2, return_best=False)
+    st.H.zero_()
+    fz = z + 1.0
+    p = StepParams(tol=1e-30, beta=0.5, stop_rel=False, divergence=1e6, eps=1e-9, lam=0.0)
+    reference.anderson_step(st, fz, p, 1)  # slot 1; slot 0's row/col of H stays zero
+    torch.testing.assert_close(st.z, z + 0.5 * (fz - z))
+
+
+def test_clone_copies_tensors_and_starts_an_empty_cache():
+    st = LoopState.create(torch.zeros(2, 5), m=2, return_best=True)
+    _step("anderson", st, 0)
+    assert st.cache
+    c = st.clone()
+    assert c.cache == {}
+    for name, t in st.tensors().items():
+        if t is not None:
+            assert torch.equal(getattr(c, name), t) and getattr(c, name).data_ptr() != t.data_ptr()
