@@ -5,7 +5,6 @@ solver runs exactly N_ITER iterations (tol far below reach), so time / N_ITER is
 cost of one iteration; "f alone" is the floor. Run: ``pytest bench/ --benchmark-only``.
 """
 import pytest
-import torch
 
 import imp_fast
 from imp_fast.backends import backend_status

@@ -18,11 +18,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "step_common.h"
@@ -96,20 +98,42 @@ inline a_t sum_lanes(const a_t* x, int64_t n) {
   return lane_sum(s);
 }
 
-// Writes F_slot = fz and G_slot = fz - z over one chunk (Fb/Gb: the sample's (m, D)
-// buffers at the chunk offset) and the chunk's partial Gram row G_i . g into row[0:m].
+// One pass over a chunk of a sample running at entry: residual sums sg = sum (fz - z)^2
+// and sf = sum fz^2 (the step's head), F_slot = fz and G_slot = fz - z (Fb/Gb: the
+// sample's (m, D) buffers at the chunk offset), then the chunk's partial Gram row
+// G_i . g into row[0:m]. Fusing the head into this pass reads z and fz once per step.
 template <typename s_t, typename a_t>
-IMP_FAST_HOT void history_and_gram_row(const s_t* zb, const s_t* fb, s_t* Fb, s_t* Gb, int64_t slot,
-                                       int64_t m, int64_t D, int64_t n, a_t* gbuf, a_t* row) {
+IMP_FAST_HOT void head_history_gram(const s_t* zb, const s_t* fb, s_t* Fb, s_t* Gb, int64_t slot,
+                                    int64_t m, int64_t D, int64_t n, a_t* gbuf, a_t* row, a_t& sg,
+                                    a_t& sf) {
   s_t* Fs = Fb + slot * D;
   s_t* Gs = Gb + slot * D;
-  for (int64_t j = 0; j < n; ++j) {
-    const a_t fv = static_cast<a_t>(fb[j]);
+  a_t g2[kLanes] = {}, f2[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const s_t fs = fb[j + k];
+      const a_t fv = static_cast<a_t>(fs);
+      const a_t g = fv - static_cast<a_t>(zb[j + k]);
+      g2[k] += g * g;
+      f2[k] += fv * fv;
+      gbuf[j + k] = g;
+      Fs[j + k] = fs;
+      Gs[j + k] = static_cast<s_t>(g);
+    }
+  }
+  for (int k = 0; j < n; ++j, ++k) {
+    const s_t fs = fb[j];
+    const a_t fv = static_cast<a_t>(fs);
     const a_t g = fv - static_cast<a_t>(zb[j]);
+    g2[k] += g * g;
+    f2[k] += fv * fv;
     gbuf[j] = g;
-    Fs[j] = fb[j];
+    Fs[j] = fs;
     Gs[j] = static_cast<s_t>(g);
   }
+  sg = lane_sum(g2);
+  sf = lane_sum(f2);
   for (int64_t i = 0; i < m; ++i) row[i] = dot_lanes(Gb + i * D, gbuf, n);
 }
 
@@ -361,28 +385,38 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
     s_t* Fp = F.data_ptr<s_t>();
     s_t* Gp = G.data_ptr<s_t>();
     a_t* Hp = H.data_ptr<a_t>();
-    std::vector<uint8_t> flags;
-    head<s_t, a_t>(s, zp, fp, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
-                   abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(),
-                   opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), c, flags);
     const int64_t B = s.B, D = s.D, nc = s.nc;
+    int8_t* st_p = status.data_ptr<int8_t>();
 
-    // Phase 2 (samples running at entry): best_z, ring-buffer slot, Gram row partials.
-    std::vector<a_t> prow(B * nc * m);
+    // Phase 1 (samples running at entry): residual partials, ring-buffer slot and Gram
+    // row partials in one pass; then the per-sample head (statuses, flags).
+    std::vector<a_t> pg(B * nc), pf(B * nc), prow(B * nc * m);
     at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
       std::vector<a_t> gbuf(std::min(kChunk, D));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / nc, ch = t % nc;
-        const uint8_t fl = flags[b];
-        if (!(fl & kRunning)) continue;
+        if (st_p[b] != 0) continue;
         const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
-        s_t* zb = zp + b * D + off;
-        const s_t* fb = fp + b * D + off;
-        if (fl & kBetter) std::copy(zb, zb + n, bz + b * D + off);
-        history_and_gram_row(zb, fb, Fp + b * m * D + off, Gp + b * m * D + off, slot, m, D, n,
-                             gbuf.data(), prow.data() + (b * nc + ch) * m);
+        head_history_gram(zp + b * D + off, fp + b * D + off, Fp + b * m * D + off, Gp + b * m * D + off,
+                          slot, m, D, n, gbuf.data(), prow.data() + t * m, pg[t], pf[t]);
       }
     });
+    std::vector<uint8_t> flags(B, 0);
+    {
+      int32_t* ni = n_iter.data_ptr<int32_t>();
+      a_t *ar = abs_res.data_ptr<a_t>(), *rr = rel_res.data_ptr<a_t>();
+      const a_t* a0 = abs0.data_ptr<a_t>();
+      a_t *ba = opt_ptr<a_t>(best_abs), *br = opt_ptr<a_t>(best_rel);
+      for (int64_t b = 0; b < B; ++b) {
+        if (st_p[b] != 0) continue;
+        a_t sg = 0, sf = 0;
+        for (int64_t ch = 0; ch < nc; ++ch) {
+          sg += pg[b * nc + ch];
+          sf += pf[b * nc + ch];
+        }
+        flags[b] = sample_head<a_t>(sg, sf, b, st_p, ni, ar, rr, a0, ba, br, c);
+      }
+    }
 
     // Per sample: Gram row/column, regularised small solve in double, weights.
     std::vector<a_t> alpha(B * m);
@@ -431,6 +465,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
         std::vector<a_t> out(D), gacc(D);
         for (int64_t b = b0; b < b1; ++b) {
           const uint8_t fl = flags[b];
+          if (fl & kBetter) std::copy(zp + b * D, zp + (b + 1) * D, bz + b * D);
           if (!(fl & kStill)) continue;
           bool ok = solved[b] != 0;
           if (ok) ok = std::isfinite(mix_chunk(b, 0, D, out.data(), gacc.data()));
@@ -465,8 +500,9 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = t / nc, ch = t % nc;
-          if (!(flags[b] & kStill)) continue;
           const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
+          if (flags[b] & kBetter) std::copy(zp + b * D + off, zp + b * D + off + n, bz + b * D + off);
+          if (!(flags[b] & kStill)) continue;
           if (ok[b]) {
             store(zp + b * D + off, wp + b * D + off, n);
           } else {
@@ -517,12 +553,105 @@ TORCH_LIBRARY_IMPL(imp_fast, Autograd, m) {
 
 }  // namespace imp_fast
 
+// Eager fast path for CPU tensors: the same kernels, called straight from Python. A
+// torch.ops call parses ~20 arguments through the dispatcher (about 3 us, as long as
+// the whole (8, 256) Anderson step itself); here the state's tensors and scalars come
+// as one tuple built once per solve (imp_fast/backends/cpp.py), so a step costs one
+// cheap call. torch.compile, fake tensors and CUDA keep using torch.ops.imp_fast.
+namespace {
+
+const at::Tensor* tensor_at(PyObject* tup, Py_ssize_t i) {
+  PyObject* o = PyTuple_GET_ITEM(tup, i);
+  if (!THPVariable_Check(o)) return nullptr;
+  return &THPVariable_Unpack(o);
+}
+
+std::optional<at::Tensor> optional_at(PyObject* tup, Py_ssize_t i) {
+  PyObject* o = PyTuple_GET_ITEM(tup, i);
+  if (o == Py_None) return std::nullopt;
+  return THPVariable_Unpack(o);
+}
+
+// state = (z, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel, F, G, H,
+//          tol, beta, stop_rel, divergence, eps, lam); F/G/H/best_* may be None.
+PyObject* step_fast(PyObject* /*self*/, PyObject* args) {
+  PyObject *state, *fz_obj;
+  long long slot = -1;
+  if (!PyArg_ParseTuple(args, "O!O|L", &PyTuple_Type, &state, &fz_obj, &slot)) return nullptr;
+  if (PyTuple_GET_SIZE(state) != 18 || !THPVariable_Check(fz_obj)) {
+    PyErr_SetString(PyExc_TypeError, "imp_fast._C._step_cpu: expected (state tuple of 18, fz tensor[, slot])");
+    return nullptr;
+  }
+  for (Py_ssize_t i : {0, 1, 2, 3, 4, 5}) {
+    if (tensor_at(state, i) == nullptr) {
+      PyErr_Format(PyExc_TypeError, "imp_fast._C._step_cpu: state[%zd] must be a tensor", i);
+      return nullptr;
+    }
+  }
+  try {
+    const at::Tensor& fz = THPVariable_Unpack(fz_obj);
+    const double tol = PyFloat_AsDouble(PyTuple_GET_ITEM(state, 12));
+    const double beta = PyFloat_AsDouble(PyTuple_GET_ITEM(state, 13));
+    const bool stop_rel = PyObject_IsTrue(PyTuple_GET_ITEM(state, 14)) == 1;
+    const double divergence = PyFloat_AsDouble(PyTuple_GET_ITEM(state, 15));
+    const double eps = PyFloat_AsDouble(PyTuple_GET_ITEM(state, 16));
+    const double lam = PyFloat_AsDouble(PyTuple_GET_ITEM(state, 17));
+    if (PyErr_Occurred()) return nullptr;
+    const std::optional<at::Tensor> best_z = optional_at(state, 6), best_abs = optional_at(state, 7),
+                                    best_rel = optional_at(state, 8);
+    const at::Tensor &z = *tensor_at(state, 0), &status = *tensor_at(state, 1),
+                     &n_iter = *tensor_at(state, 2), &abs_res = *tensor_at(state, 3),
+                     &rel_res = *tensor_at(state, 4), &abs0 = *tensor_at(state, 5);
+    TORCH_CHECK(z.device().is_cpu() && fz.device().is_cpu(), "imp_fast._C._step_cpu: CPU tensors only");
+    const at::Tensor *F = tensor_at(state, 9), *G = tensor_at(state, 10), *H = tensor_at(state, 11);
+    TORCH_CHECK(slot < 0 || (F && G && H), "imp_fast._C._step_cpu: Anderson needs F, G and H");
+    // The kernels run without the GIL; their errors are turned into Python exceptions
+    // only once it is held again.
+    std::string err;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+      if (slot < 0) {
+        imp_fast::picard_step_cpu(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel,
+                                  tol, beta, stop_rel, divergence, eps);
+      } else {
+        imp_fast::anderson_step_cpu(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs,
+                                    best_rel, *F, *G, *H, slot, tol, beta, stop_rel, divergence, eps, lam);
+      }
+    } catch (const c10::Error& e) {
+      err = e.what_without_backtrace();
+      if (err.empty()) err = "imp_fast._C._step_cpu failed";
+    } catch (const std::exception& e) {
+      err = e.what();
+      if (err.empty()) err = "imp_fast._C._step_cpu failed";
+    }
+    Py_END_ALLOW_THREADS
+    if (!err.empty()) {
+      PyErr_SetString(PyExc_RuntimeError, err.c_str());
+      return nullptr;
+    }
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"_step_cpu", step_fast, METH_VARARGS,
+     "_step_cpu(state, fz[, slot]): one Picard step (no slot) or Anderson step, CPU, eager."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // A plain Python module so that `import imp_fast._C` loads the library and runs the
 // registrations above (no pybind11: the ops are reached through torch.ops.imp_fast).
 extern "C" {
 static struct PyModuleDef imp_fast_c_module = {PyModuleDef_HEAD_INIT, "_C",
                                                "imp_fast compiled ops (torch.ops.imp_fast)", -1,
-                                               nullptr};
+                                               methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&imp_fast_c_module);

@@ -360,3 +360,40 @@ def test_steps_bitwise_independent_of_thread_count(D):
         torch.set_num_threads(old)
     for name in ("z", "abs_res", "rel_res", "H", "G", "best_z", "status", "n_iter"):
         assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("best", [False, True])
+def test_eager_fast_path_matches_the_dispatched_op_exactly(method, dtype, best):
+    """cpp steps on plain CPU tensors call _C._step_cpu (no dispatcher); the result is
+    bit-identical to the torch.ops.imp_fast call on the same state."""
+    st, f, _ = _make_state(37, dtype, 3 if method == "anderson" else None, best, filled=2)
+    p = StepParams(tol=1e-3, beta=0.8, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)
+    fast, slow = _clone_state(st), _clone_state(st)
+    for k in range(3):
+        fz = f(fast.z)
+        if method == "anderson":
+            cpp.anderson_step(fast, fz, p, k % 3)
+            cpp._anderson_op(slow.z, f(slow.z), slow.status, slow.n_iter, slow.abs_res, slow.rel_res, slow.abs0,
+                             slow.best_z, slow.best_abs, slow.best_rel, slow.F, slow.G, slow.H, k % 3,
+                             p.tol, p.beta, p.stop_rel, p.divergence, p.eps, p.lam)
+        else:
+            cpp.picard_step(fast, fz, p)
+            cpp._picard_op(slow.z, f(slow.z), slow.status, slow.n_iter, slow.abs_res, slow.rel_res, slow.abs0,
+                           slow.best_z, slow.best_abs, slow.best_rel, p.tol, p.beta, p.stop_rel, p.divergence, p.eps)
+    assert ("cpp", p) in fast.cache  # the fast path was taken
+    for name, t in fast.tensors().items():
+        if t is not None:
+            assert torch.equal(t, getattr(slow, name)), name
+
+
+def test_eager_fast_path_follows_a_replaced_state_tensor():
+    st, f, _ = _make_state(16, torch.float32, 2, False)
+    p = StepParams(tol=1e-30, beta=1.0, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)
+    cpp.anderson_step(st, f(st.z), p, 0)
+    st.z = st.z.clone()  # a new tensor object: the cached argument tuple must not be used
+    z_before = st.z.clone()
+    cpp.anderson_step(st, f(st.z), p, 1)
+    assert not torch.equal(st.z, z_before)  # the step moved the new z
+    assert st.cache[("cpp", p)][0] is st.z

@@ -57,9 +57,35 @@ if _C is not None:
     _picard_op = torch.ops.imp_fast.picard_step.default
     _anderson_op = torch.ops.imp_fast.anderson_step.default
 
+# Eager CPU fast path (same kernels, no dispatcher argument parsing); see csrc/ops.cpp.
+_fast = getattr(_C, "_step_cpu", None)
+
+
+def _fast_state(st: LoopState, p: StepParams, fz: torch.Tensor):
+    """The state as the tuple ``_C._step_cpu`` takes, built once per solve (kept in
+    ``st.cache``), or None where the eager fast path does not apply: not CPU, tensor
+    subclasses (fake tensors), tracing. There the torch.ops call is used."""
+    hit = st.cache.get(("cpp", p))
+    if hit is not None and hit[0] is st.z:
+        return hit if type(fz) is torch.Tensor and fz.is_cpu else None
+    if (_fast is None or type(fz) is not torch.Tensor or not fz.is_cpu or type(st.z) is not torch.Tensor
+            or torch.compiler.is_compiling()):
+        return None
+    tensors = (st.z, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0, st.best_z, st.best_abs, st.best_rel,
+               st.F, st.G, st.H)
+    if any(t is not None and type(t) is not torch.Tensor for t in tensors):
+        return None
+    hit = st.cache[("cpp", p)] = (*tensors, float(p.tol), float(p.beta), bool(p.stop_rel), float(p.divergence),
+                                  float(p.eps), float(p.lam))
+    return hit
+
 
 def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
+    state = _fast_state(st, p, fz)
+    if state is not None:
+        _fast(state, fz)
+        return
     _picard_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
         st.best_z, st.best_abs, st.best_rel,
@@ -69,6 +95,10 @@ def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
 
 def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
     """Type-II Anderson step (see ``reference.anderson_step``), one fused op."""
+    state = _fast_state(st, p, fz)
+    if state is not None:
+        _fast(state, fz, slot)
+        return
     _anderson_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
         st.best_z, st.best_abs, st.best_rel, st.F, st.G, st.H, slot,

@@ -169,7 +169,6 @@ def train(model: LoopedTransformer, *, steps: int, batch: int = 64, lr: float = 
     lossf = nn.BCEWithLogitsLoss()
     losses = []
     t0 = time.time()
-    run = 0.0
     for s in range(steps):
         tok = sample_tokens(batch, g)
         lab = reachability_labels(tok).float()
