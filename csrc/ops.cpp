@@ -137,30 +137,29 @@ IMP_FAST_HOT void head_history_gram(const s_t* zb, const s_t* fb, s_t* Fb, s_t* 
   for (int64_t i = 0; i < m; ++i) row[i] = dot_lanes(Gb + i * D, gbuf, n);
 }
 
-// out[0:n] = sum_i al[i] (F_i - (1 - beta) G_i) over one chunk (Fb/Gb as above; gacc is
-// scratch); returns the sum of out (the finiteness probe).
+// out[0:n] = sum_i al[i] X_i over one chunk (Xb: the sample's (m, D) buffer at the
+// chunk offset).
+template <typename s_t, typename a_t>
+inline void combine(const s_t* Xb, const a_t* al, int64_t m, int64_t D, int64_t n, a_t* out) {
+  for (int64_t i = 0; i < m; ++i) {
+    const s_t* Xi = Xb + i * D;
+    const a_t ai = al[i];
+    if (i == 0) {
+      for (int64_t j = 0; j < n; ++j) out[j] = ai * static_cast<a_t>(Xi[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[j] += ai * static_cast<a_t>(Xi[j]);
+    }
+  }
+}
+
+// out[0:n] = sum_i al[i] (F_i - (1 - beta) G_i) over one chunk (gacc is scratch);
+// returns the sum of out (the finiteness probe).
 template <typename s_t, typename a_t>
 IMP_FAST_HOT a_t mix_into(const s_t* Fb, const s_t* Gb, const a_t* al, a_t one_m_beta, int64_t m,
                           int64_t D, int64_t n, a_t* out, a_t* gacc) {
-  for (int64_t i = 0; i < m; ++i) {
-    const s_t* Fi = Fb + i * D;
-    const a_t ai = al[i];
-    if (i == 0) {
-      for (int64_t j = 0; j < n; ++j) out[j] = ai * static_cast<a_t>(Fi[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) out[j] += ai * static_cast<a_t>(Fi[j]);
-    }
-  }
+  combine(Fb, al, m, D, n, out);
   if (one_m_beta != a_t(0)) {
-    for (int64_t i = 0; i < m; ++i) {
-      const s_t* Gi = Gb + i * D;
-      const a_t ai = al[i];
-      if (i == 0) {
-        for (int64_t j = 0; j < n; ++j) gacc[j] = ai * static_cast<a_t>(Gi[j]);
-      } else {
-        for (int64_t j = 0; j < n; ++j) gacc[j] += ai * static_cast<a_t>(Gi[j]);
-      }
-    }
+    combine(Gb, al, m, D, n, gacc);
     for (int64_t j = 0; j < n; ++j) out[j] -= one_m_beta * gacc[j];
   }
   return sum_lanes(out, n);

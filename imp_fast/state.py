@@ -45,7 +45,11 @@ class LoopState:
     status:   (B,) int8, :class:`imp_fast.Status` codes, 0 = still running.
     n_iter:   (B,) int32, updates made to each sample.
     abs_res:  (B,) compute dtype, last measured ||f(z) - z||.
-    rel_res:  (B,) compute dtype, abs_res / (||f(z)|| + eps).
+    rel_res:  (B,) compute dtype, abs_res / (||f(z)|| + eps). :meth:`create` makes
+              abs_res and rel_res the two rows of one (2, B) tensor (best_abs and
+              best_rel likewise; G and F the halves of one (2, B, m, D) buffer), which
+              the reference backend exploits when it finds it; backends must not rely
+              on it (each field is a contiguous tensor of its own shape).
     abs0:     (B,) compute dtype, the first residual (divergence reference; +inf
               before the first step so the first step never flags divergence).
     best_z, best_abs, best_rel: lowest-residual iterate so far (``return_best`` only).
@@ -54,7 +58,10 @@ class LoopState:
     H:        (B, m, m) compute dtype, Gram matrix G G^T, kept current by one new
               row/column per step; unwritten diagonal entries hold a huge value so
               their mixing weights are (numerically) zero.
-    cache:    backend-private scratch for one solve (views, buffers).
+    cache:    backend-private scratch for one solve (views, buffers, argument
+              tuples), keyed by the backend; never holds results. Entries derived
+              from a field's contents must be invalidated when that field is
+              written (the reference backend checks tensor version counters).
     """
 
     z: torch.Tensor
@@ -106,7 +113,9 @@ class LoopState:
             best = torch.full((2, B), float("inf"), dtype=cdt, device=dev)
             st.best_abs, st.best_rel = best[0], best[1]
         if m is not None:
-            st.F = torch.zeros(B, m, D, dtype=z.dtype, device=dev)
-            st.G = torch.zeros(B, m, D, dtype=z.dtype, device=dev)
+            # G and F as the two halves of one buffer (each a contiguous (B, m, D)
+            # tensor): the reference takes both newest entries' norms in one op.
+            hist = torch.zeros(2, B, m, D, dtype=z.dtype, device=dev)
+            st.G, st.F = hist[0], hist[1]
             st.H = torch.diag_embed(torch.full((B, m), cls.UNSET_DIAG, dtype=cdt, device=dev)).contiguous()
         return st

@@ -317,6 +317,27 @@ def test_fourier_directions_unit_norm_and_frequencies():
         assert 1 <= int(on.sum()) <= 2
 
 
+def test_fourier_directions_k_max_takes_percentiles_of_the_band():
+    qs = (0.1, 0.5, 0.9)
+    radii = fourier_radii(32, 32, qs, k_max=4)
+    ky = torch.fft.fftfreq(32, d=1 / 32, dtype=F64)
+    R = torch.sqrt(ky[:, None] ** 2 + ky[None, :] ** 2).flatten()
+    band = R[(R > 0) & (R <= 4)]
+    expected = torch.stack([torch.quantile(band, q, interpolation="nearest") for q in qs])
+    torch.testing.assert_close(radii, expected)
+    assert float(radii.max()) <= 4.0 < float(fourier_radii(32, 32, qs)[0])  # full grid starts above the band
+    d = fourier_directions((1, 32, 32), qs, k_max=4, dtype=F64)
+    for p in range(len(qs)):
+        spec = torch.fft.fft2(d[p, 0]).abs()
+        on = spec > 1e-9 * spec.max()
+        R2 = torch.sqrt(ky[:, None] ** 2 + ky[None, :] ** 2)
+        assert bool(torch.isclose(R2[on], radii[p]).all())
+    with pytest.raises(ValueError, match="k_max"):
+        fourier_directions((8, 8), k_max=0.5)
+    with pytest.raises(ValueError, match="k_max"):
+        fourier_radii(8, 8, qs, k_max=float("nan"))
+
+
 def test_fourier_directions_default_dtype_and_errors():
     d = fourier_directions((8, 8))
     assert d.shape == (5, 8, 8) and d.dtype == torch.float32

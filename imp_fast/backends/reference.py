@@ -108,12 +108,18 @@ def _cols(st: LoopState) -> _Cols:
 
 
 def _slot_views(st: LoopState, slot: int) -> Tuple[torch.Tensor, ...]:
-    """F_i and G_i (B, D), G_i as (B, 1, D), H's row i and column i (B, m), H_ii (B, 1, 1)."""
+    """F_i and G_i (B, D), G_i as (B, 1, D), H's row i and column i (B, m), H_ii (B, 1, 1),
+    and (G_i, F_i) as one (2, B, D) view when LoopState.create put G and F in one buffer
+    with G first (else None)."""
     hit = st.cache.get(slot)
     if hit is None:
-        g_i = st.G.select(1, slot)
-        hit = st.cache[slot] = (st.F.select(1, slot), g_i, g_i.unsqueeze(1), st.H.select(1, slot),
-                                st.H.select(2, slot), st.H[:, slot:slot + 1, slot:slot + 1])
+        g_i, f_i = st.G.select(1, slot), st.F.select(1, slot)
+        gf_i = None
+        if (st.G.untyped_storage().data_ptr() == st.F.untyped_storage().data_ptr()
+                and st.F.data_ptr() - st.G.data_ptr() == st.G.numel() * st.G.element_size()):
+            gf_i = g_i.as_strided((2,) + tuple(g_i.shape), (st.G.numel(),) + g_i.stride())
+        hit = st.cache[slot] = (f_i, g_i, g_i.unsqueeze(1), st.H.select(1, slot), st.H.select(2, slot),
+                                st.H[:, slot:slot + 1, slot:slot + 1], gf_i)
     return hit
 
 
@@ -153,24 +159,30 @@ def _consts_for(st: LoopState, p: StepParams) -> _Consts:
 
 
 def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams, c: _Consts, cols: _Cols,
-                          g_out=None) -> torch.Tensor:
+                          g_out=None, gf_out=None) -> torch.Tensor:
     """Shared head of every step: residuals, statuses, best iterate.
 
     Returns g = f(z) - z in compute dtype. Per-sample quantities are (B, 1) columns so
     that masks broadcast over (B, D) without reshapes. With ``g_out`` (a (B, D) view of
     the Anderson residual history) g is also stored there, written in place when the
-    storage dtype is the compute dtype.
+    storage dtype is the compute dtype. With ``gf_out`` too (the (2, B, D) view over
+    (G_i, F_i), F_i already holding fz), both norms come from one op.
     """
     cdt = st.abs_res.dtype
+    abs_r, rel_r = cols.new_abs, cols.new_rel
     if g_out is not None and g_out.dtype == cdt and fz.dtype == cdt and st.z.dtype == cdt:
         g = torch.sub(fz, st.z, out=g_out)
+        if gf_out is not None:  # (||g||, ||fz||) into the (2, B, 1) scratch
+            torch.linalg.vector_norm(gf_out, dim=2, keepdim=True, out=cols.scratch)
+        else:
+            torch.linalg.vector_norm(g, dim=1, keepdim=True, out=abs_r)
+            torch.linalg.vector_norm(fz, dim=1, keepdim=True, out=rel_r)
     else:
         g = _cast(fz, cdt) - _cast(st.z, cdt)
         if g_out is not None:
             g_out.copy_(g)
-    abs_r, rel_r = cols.new_abs, cols.new_rel
-    torch.linalg.vector_norm(g, dim=1, keepdim=True, out=abs_r)
-    torch.linalg.vector_norm(fz, dim=1, keepdim=True, dtype=cdt, out=rel_r)
+        torch.linalg.vector_norm(g, dim=1, keepdim=True, out=abs_r)
+        torch.linalg.vector_norm(fz, dim=1, keepdim=True, dtype=cdt, out=rel_r)
     torch.div(abs_r, rel_r.add_(c.eps), out=rel_r)
     res = rel_r if p.stop_rel else abs_r
     # The mask of running samples, and the divergence bound, change only when the
@@ -235,11 +247,11 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     cdt = H.dtype
     B, m, D = G.shape
     c, cols = _consts_for(st, p), _cols(st)
-    f_i, g_i, g_i3, h_row, h_col, h_ii = _slot_views(st, slot)
-    g = _residuals_and_status(st, fz, p, c, cols, g_out=g_i)
+    f_i, g_i, g_i3, h_row, h_col, h_ii, gf_i = _slot_views(st, slot)
+    f_i.copy_(fz)
+    g = _residuals_and_status(st, fz, p, c, cols, g_out=g_i, gf_out=gf_i)
     if g is not g_i:
         g_i3 = g.unsqueeze(1)
-    f_i.copy_(fz)
     # Row `slot` of H is G_j . g, written in place; the column is its copy. (vecdot
     # beats bmm for this (B, m, D) x (B, 1, D) product on CPU at every size tried.)
     if G.dtype == cdt:

@@ -212,7 +212,10 @@ def _anderson_mix_kernel(
                 Gt = tl.load(G_ptr + tptr, mask=tmask, other=0.0).to(tl.float32)
                 mix = mix - damp * tl.sum(a[:, None] * Gt, axis=0)
             ff = tl.load(fz_ptr + b64 * fz_stride + d, mask=msk & pic_v, other=0.0).to(tl.float32)
-            pic = zf + beta * (ff - zf)
+            if HAS_DAMP:
+                pic = zf + beta * (ff - zf)
+            else:
+                pic = ff  # beta = 1: exactly f(z), as the reference
             znew = tl.where(mix_v, mix, pic)
             tl.store(z_ptr + b64 * D + d, to_storage(znew, z_ptr), mask=msk & (mix_v | pic_v))
 

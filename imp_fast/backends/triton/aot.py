@@ -25,7 +25,7 @@ def _variants():
     from . import picard as P
 
     for fused in (True, False):
-        yield P._picard_update_kernel, dict(FUSED=fused, STOP_REL=True, BEST=True, BLOCK=1024, CP=4), f"picard_update(fused={fused})"
+        yield P._picard_update_kernel, dict(FUSED=fused, STOP_REL=True, BEST=True, DAMP=True, BLOCK=1024, CP=4), f"picard_update(fused={fused})"
     yield P._picard_partial_kernel, dict(BEST=True, BLOCK=1024), "picard_partial"
     yield A._anderson_history_kernel, dict(M=5, MP=8, K=7, BLOCK=512), "anderson_history"
     yield A._anderson_solve_kernel, dict(STOP_REL=False, BEST=True, M=5, MP=8, K=7, KP=8, CP=4), "anderson_solve"

@@ -68,7 +68,7 @@ def _picard_update_kernel(
     part_ptr, snap_status_ptr, snap_best_ptr,
     status_ptr, n_iter_ptr, abs_ptr, rel_ptr, abs0_ptr, best_abs_ptr, best_rel_ptr, best_res_ptr,
     D, BPP, C, tol, beta, divergence, eps,
-    FUSED: tl.constexpr, STOP_REL: tl.constexpr, BEST: tl.constexpr,
+    FUSED: tl.constexpr, STOP_REL: tl.constexpr, BEST: tl.constexpr, DAMP: tl.constexpr,
     BLOCK: tl.constexpr, CP: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -129,7 +129,10 @@ def _picard_update_kernel(
                 tl.store(best_z_ptr + b64 * D + d, zr, mask=msk & better_v)
             zf = zr.to(tl.float32)
             ff = tl.load(fz_ptr + b64 * fz_stride + d, mask=msk & still_v, other=0.0).to(tl.float32)
-            znew = zf + beta * (ff - zf)
+            if DAMP:
+                znew = zf + beta * (ff - zf)
+            else:
+                znew = ff  # beta = 1: exactly f(z), as the reference
             tl.store(z_ptr + b64 * D + d, to_storage(znew, z_ptr), mask=msk & still_v)
 
 
@@ -152,7 +155,8 @@ def launch_picard(st: LoopState, fz: torch.Tensor, p: StepParams, *, block=None,
             z, fz, fz.stride(0), best_z, dummy, st.n_iter, dummy,
             st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0, best_abs, best_rel, best_res,
             D, bpp, 1, p.tol, p.beta, p.divergence, p.eps,
-            FUSED=True, STOP_REL=p.stop_rel, BEST=best, BLOCK=BLOCK, CP=2, num_warps=num_warps,
+            FUSED=True, STOP_REL=p.stop_rel, BEST=best, DAMP=(p.beta != 1.0), BLOCK=BLOCK, CP=2,
+            num_warps=num_warps,
         )
         return 1
     part = torch.empty(B * C * 2, dtype=torch.float32, device=z.device)
@@ -166,7 +170,7 @@ def launch_picard(st: LoopState, fz: torch.Tensor, p: StepParams, *, block=None,
         z, fz, fz.stride(0), best_z, part, snap_status, snap_best,
         st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0, best_abs, best_rel, best_res,
         D, bpp, C, p.tol, p.beta, p.divergence, p.eps,
-        FUSED=False, STOP_REL=p.stop_rel, BEST=best, BLOCK=BLOCK,
+        FUSED=False, STOP_REL=p.stop_rel, BEST=best, DAMP=(p.beta != 1.0), BLOCK=BLOCK,
         CP=triton.next_power_of_2(C), num_warps=num_warps,
     )
     return 2
