@@ -195,6 +195,25 @@ inline Shape shape_of(const at::Tensor& z) {
   return s;
 }
 
+// Per-sample heads from the (sample, chunk) partial sums pg, pf of the samples running at
+// entry, in chunk order (deterministic); flags[b] as sample_head returns them (0 for
+// samples frozen at entry).
+template <typename a_t>
+void finish_heads(int64_t B, int64_t nc, const std::vector<a_t>& pg, const std::vector<a_t>& pf,
+                  int8_t* status, int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
+                  a_t* best_abs, a_t* best_rel, const StepScalars<a_t>& c, std::vector<uint8_t>& flags) {
+  flags.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (status[b] != 0) continue;
+    a_t sg = 0, sf = 0;
+    for (int64_t ch = 0; ch < nc; ++ch) {
+      sg += pg[b * nc + ch];
+      sf += pf[b * nc + ch];
+    }
+    flags[b] = sample_head<a_t>(sg, sf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c);
+  }
+}
+
 // Partials of phase 1 (per sample and chunk) -> per-sample status head.
 // flags[b]: bit0 running at entry, bit1 better (best tracking), bit2 still running.
 template <typename s_t, typename a_t>
@@ -211,17 +230,7 @@ void head(const Shape& s, const s_t* z, const s_t* fz, int8_t* status, int32_t* 
       residual_sums(z + b * D + j0, fz + b * D + j0, n, pg[t], pf[t]);
     }
   });
-  flags.assign(B, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    if (status[b] != 0) continue;
-    a_t sg = 0, sf = 0;
-    for (int64_t ch = 0; ch < nc; ++ch) {
-      sg += pg[b * nc + ch];
-      sf += pf[b * nc + ch];
-    }
-    flags[b] = sample_head<a_t>(sg, sf, b, status, n_iter, abs_res, rel_res, abs0, best_abs,
-                                best_rel, c);
-  }
+  finish_heads(B, nc, pg, pf, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, flags);
 }
 
 void check_state(const at::Tensor& z, const at::Tensor& fz, const at::Tensor& status,
@@ -400,22 +409,10 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
                           slot, m, D, n, gbuf.data(), prow.data() + t * m, pg[t], pf[t]);
       }
     });
-    std::vector<uint8_t> flags(B, 0);
-    {
-      int32_t* ni = n_iter.data_ptr<int32_t>();
-      a_t *ar = abs_res.data_ptr<a_t>(), *rr = rel_res.data_ptr<a_t>();
-      const a_t* a0 = abs0.data_ptr<a_t>();
-      a_t *ba = opt_ptr<a_t>(best_abs), *br = opt_ptr<a_t>(best_rel);
-      for (int64_t b = 0; b < B; ++b) {
-        if (st_p[b] != 0) continue;
-        a_t sg = 0, sf = 0;
-        for (int64_t ch = 0; ch < nc; ++ch) {
-          sg += pg[b * nc + ch];
-          sf += pf[b * nc + ch];
-        }
-        flags[b] = sample_head<a_t>(sg, sf, b, st_p, ni, ar, rr, a0, ba, br, c);
-      }
-    }
+    std::vector<uint8_t> flags;
+    finish_heads(B, nc, pg, pf, st_p, n_iter.data_ptr<int32_t>(), abs_res.data_ptr<a_t>(),
+                 rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(), opt_ptr<a_t>(best_abs),
+                 opt_ptr<a_t>(best_rel), c, flags);
 
     // Per sample: Gram row/column, regularised small solve in double, weights.
     std::vector<a_t> alpha(B * m);
