@@ -80,3 +80,64 @@ def test_clone_copies_tensors_and_starts_an_empty_cache():
     for name, t in st.tensors().items():
         if t is not None:
             assert torch.equal(getattr(c, name), t) and getattr(c, name).data_ptr() != t.data_ptr()
+
+
+def _mixed_state(dtype, m, best, D=23, B=6):
+    """Random z, samples 0-1 frozen (converged / diverged), the rest running."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype)
+    st = LoopState.create(z, m=m, return_best=best)
+    st.status[0], st.status[1] = int(Status.CONVERGED), int(Status.DIVERGED)
+    W = torch.randn(D, D, generator=gen, dtype=torch.float64) * (0.4 / D ** 0.5)
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64)
+
+    def f(zz):
+        out = torch.tanh(zz.double() @ W.T + x)
+        out[2, 0] = float("nan")  # sample 2 meets NaN: flagged, frozen at its last finite z
+        return out.to(dtype)
+
+    return st, f
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("best", [False, True])
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_eager_steps_match_their_plain_form(method, dtype, best, beta):
+    """The op-count-optimised eager steps compute what the plain steps state."""
+    m = 3 if method == "anderson" else None
+    a, f = _mixed_state(dtype, m, best)
+    b = a.clone()
+    p = StepParams(tol=1e-5, beta=beta, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)
+    for k in range(7):
+        if method == "anderson":
+            reference.anderson_step(a, f(a.z), p, k % 3)
+            reference.plain_anderson_step(b, f(b.z), p, k % 3)
+        else:
+            reference.picard_step(a, f(a.z), p)
+            reference.plain_picard_step(b, f(b.z), p)
+        if k == 0:
+            a.abs0.copy_(a.abs_res)
+            b.abs0.copy_(b.abs_res)
+    assert torch.equal(a.status, b.status) and torch.equal(a.n_iter, b.n_iter)
+    assert a.status.tolist()[:3] == [int(Status.CONVERGED), int(Status.DIVERGED), int(Status.NONFINITE)]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.float16 else dict(rtol=2e-3, atol=2e-3)
+    for name, t in a.tensors().items():
+        if t is not None:
+            torch.testing.assert_close(t.double(), getattr(b, name).double(), equal_nan=True, msg=name, **tol)
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_torch_compile_fullgraph_traces_the_plain_steps(method):
+    W = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)) * 0.05
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(z0):
+        r = imp_fast.solve(lambda z: torch.tanh(z @ W.T + x), z0, method=method, max_iter=12, tol=1e-6,
+                           check_every=None, backend="reference")
+        return r.z, r.status, r.n_iter
+
+    eager = run(torch.zeros(4, 16))
+    compiled = torch.compile(run, fullgraph=True, backend="eager")(torch.zeros(4, 16))
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert torch.equal(compiled[1], eager[1]) and torch.equal(compiled[2], eager[2])

@@ -1,11 +1,18 @@
 """Reference backend: each step written with plain PyTorch ops.
 
 This is the ground truth every other backend is tested against, and the fallback on
-any device. It is also written to be cheap in op count, since at small sizes the
-per-op dispatch cost is what a solve spends its time on: constants (status codes, tol,
-eps, ...) are cached 0-dim tensors, because an op with a Python-scalar operand first wraps
-it in a tensor (about 1 us each at (8, 256)); casts happen only when dtypes differ;
-results are written in place into the state where an op allows it.
+any device. Each step exists in two forms that compute the same thing (tests check it):
+
+* ``plain_picard_step`` / ``plain_anderson_step`` state the semantics straightforwardly;
+  torch.compile traces them.
+* ``picard_step`` / ``anderson_step`` (eager) are written for op count, since at small
+  sizes per-op dispatch is what a solve spends its time on: constants (status codes,
+  tol, eps, ...) are cached 0-dim tensors, because an op with a Python-scalar operand
+  first wraps it in a tensor (about 1 us each at (8, 256)); views and scratch buffers
+  are made once per solve (``LoopState.cache``); the running mask and divergence bound
+  are reused until the status / abs0 tensors are written (version counters); results
+  go in place into the state with ``out=``; the small system is solved with an in-place
+  LU and two triangular solves.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import torch
 from ..result import Status
 from ..state import LoopState, StepParams
 
-__all__ = ["picard_step", "anderson_step", "NAME"]
+__all__ = ["picard_step", "anderson_step", "plain_picard_step", "plain_anderson_step", "NAME"]
 
 NAME = "reference"
 
@@ -81,15 +88,22 @@ class _Cols(NamedTuple):
     code: torch.Tensor
 
 
+def _adjacent(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    """b directly follows a in one storage (how LoopState.create lays out its pairs).
+    Never while tracing (torch.compile): data pointers are not available there, and the
+    unpacked path is traced instead."""
+    if a is None or b is None or a.dtype != b.dtype or torch.compiler.is_compiling():
+        return False
+    if not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    return b.data_ptr() - a.data_ptr() == a.numel() * a.element_size()
+
+
 def _pair(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """(2, B, 1) view over a and b when b directly follows a in one storage, else None."""
-    if a is None or b is None or not (a.is_contiguous() and b.is_contiguous()) or a.dtype != b.dtype:
-        return None
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return None
-    if b.data_ptr() - a.data_ptr() != a.numel() * a.element_size():
-        return None
-    return a.as_strided((2, a.numel(), 1), (a.numel(), 1, 1))
+    return a.as_strided((2, a.numel(), 1), (a.numel(), 1, 1)) if _adjacent(a, b) else None
 
 
 def _cols(st: LoopState) -> _Cols:
@@ -115,8 +129,7 @@ def _slot_views(st: LoopState, slot: int) -> Tuple[torch.Tensor, ...]:
     if hit is None:
         g_i, f_i = st.G.select(1, slot), st.F.select(1, slot)
         gf_i = None
-        if (st.G.untyped_storage().data_ptr() == st.F.untyped_storage().data_ptr()
-                and st.F.data_ptr() - st.G.data_ptr() == st.G.numel() * st.G.element_size()):
+        if _adjacent(st.G, st.F):
             gf_i = g_i.as_strided((2,) + tuple(g_i.shape), (st.G.numel(),) + g_i.stride())
         hit = st.cache[slot] = (f_i, g_i, g_i.unsqueeze(1), st.H.select(1, slot), st.H.select(2, slot),
                                 st.H[:, slot:slot + 1, slot:slot + 1], gf_i)
@@ -224,6 +237,8 @@ def _count_and_move(st: LoopState, z_new: torch.Tensor, c: _Consts, cols: _Cols)
 
 def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
+    if torch.compiler.is_compiling():
+        return plain_picard_step(st, fz, p)
     c, cols = _consts_for(st, p), _cols(st)
     g = _residuals_and_status(st, fz, p, c, cols)
     _count_and_move(st, _picard_update(st, fz, g, p.beta), c, cols)
@@ -242,7 +257,12 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     (the bordered system's solution), then mixes
     z <- sum_i a_i (F_i - (1 - beta) G_i). A sample whose small system is singular or
     whose mix is not finite takes the damped Picard step z + beta g instead.
+
+    This is the eager form, written for op count (see the module docstring); it computes
+    what :func:`plain_anderson_step` states plainly, which is what torch.compile traces.
     """
+    if torch.compiler.is_compiling():
+        return plain_anderson_step(st, fz, p, slot)
     F, G, H = st.F, st.G, st.H
     cdt = H.dtype
     B, m, D = G.shape
@@ -298,3 +318,71 @@ def _anderson_buffers(st: LoopState, lam: float) -> Tuple[torch.Tensor, ...]:
         mix = torch.empty(B, D, dtype=cdt, device=dev)
         hit = st.cache[key] = (lam_eye, ones, lu, piv, info, y, a, a_row, a_row.mT, mix, mix.unsqueeze(1))
     return hit
+
+
+# ----------------------------------------------------------------------------------------
+# Plain form: the steps written straightforwardly. They state the semantics the eager
+# steps above implement with fewer ops (tests check the two agree), and they are what
+# torch.compile traces (no out= into strided views, no data pointers, no version
+# counters).
+
+
+def _plain_head(st: LoopState, fz: torch.Tensor, p: StepParams) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Residuals, statuses, best iterate and n_iter; returns (g, still)."""
+    cdt = st.abs_res.dtype
+    g = _cast(fz, cdt) - _cast(st.z, cdt)
+    abs_r = torch.linalg.vector_norm(g, dim=1)
+    rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1, dtype=cdt) + p.eps)
+    res = rel_r if p.stop_rel else abs_r
+    running = st.status == 0
+    zero, conv, div, nonfin = _codes(st.status.device)
+    # Precedence NONFINITE > CONVERGED > DIVERGED; (x - x) != 0 is True for NaN and Inf.
+    code = torch.where(abs_r > p.divergence * st.abs0, div, zero)
+    code = torch.where(res < p.tol, conv, code)
+    code = torch.where((abs_r - abs_r) != 0, nonfin, code)
+    if st.best_z is not None:
+        better = running & (res < (st.best_rel if p.stop_rel else st.best_abs))
+        st.best_z.copy_(torch.where(better[:, None], st.z, st.best_z))
+        st.best_abs.copy_(torch.where(better, abs_r, st.best_abs))
+        st.best_rel.copy_(torch.where(better, rel_r, st.best_rel))
+    st.abs_res.copy_(torch.where(running, abs_r, st.abs_res))
+    st.rel_res.copy_(torch.where(running, rel_r, st.rel_res))
+    st.status.copy_(torch.where(running, code, st.status))
+    still = st.status == 0
+    st.n_iter.add_(still)
+    return g, still
+
+
+def _plain_damped(st: LoopState, fz: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
+    return _cast(fz, g.dtype) if beta == 1.0 else torch.add(_cast(st.z, g.dtype), g, alpha=beta)
+
+
+def plain_picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
+    """Plain form of :func:`picard_step`."""
+    g, still = _plain_head(st, fz, p)
+    st.z.copy_(torch.where(still[:, None], _cast(_plain_damped(st, fz, g, p.beta), st.z.dtype), st.z))
+
+
+def plain_anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
+    """Plain form of :func:`anderson_step`."""
+    g, still = _plain_head(st, fz, p)
+    F, G, H = st.F, st.G, st.H
+    cdt = H.dtype
+    B, m = H.shape[0], H.shape[1]
+    F[:, slot] = fz
+    G[:, slot] = g.to(G.dtype)
+    row = torch.linalg.vecdot(_cast(G, cdt), g.unsqueeze(1))  # (B, m): G_i . g
+    H[:, slot] = row
+    H[:, :, slot] = row
+    eye = torch.eye(m, dtype=cdt, device=H.device)
+    ridge = (p.lam * row[:, slot]).view(B, 1, 1)  # relative to the newest residual
+    a, info = torch.linalg.solve_ex(H + ridge * eye, torch.ones(B, m, dtype=cdt, device=H.device))
+    a = (a / a.sum(dim=1, keepdim=True)).unsqueeze(1)
+    mix = torch.bmm(a, _cast(F, cdt))
+    if p.beta != 1.0:
+        mix = mix - (1.0 - p.beta) * torch.bmm(a, _cast(G, cdt))
+    mix = mix.squeeze(1)
+    s = mix.sum(dim=1)
+    ok = (info == 0) & ((s - s) == 0)
+    z_new = torch.where(ok[:, None], mix, _plain_damped(st, fz, g, p.beta))
+    st.z.copy_(torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z))
