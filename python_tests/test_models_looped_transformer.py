@@ -111,3 +111,13 @@ def test_reproduce_looped_transformer_quick_writes_results_and_png(tmp_path, cap
     assert all(0.0 <= v <= lt.N_CELLS for v in res["separation"])
     png = tmp_path / "looped_transformer_scaling.png"
     assert png.exists() and png.stat().st_size > 1000
+
+
+def test_reproduce_reuses_its_checkpoint_only_for_the_same_data(tmp_path, capsys, monkeypatch):
+    args = ["reproduce", "looped-transformer", "--quick", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "loaded checkpoint" in capsys.readouterr().out
+    monkeypatch.setattr(lt, "P_WALL", 0.3)  # another row distribution: the checkpoint does not apply
+    assert main(args) == 0
+    assert "made with other settings: retraining" in capsys.readouterr().out

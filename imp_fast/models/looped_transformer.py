@@ -256,13 +256,16 @@ def run(args: argparse.Namespace) -> int:
     n_par = sum(p.numel() for p in model.parameters())
     ckpt = out / f"looped_transformer{'_quick' if quick else ''}.pt"
     losses: List[float] = []
-    if ckpt.exists() and not args.retrain:
-        model.load_state_dict(torch.load(ckpt))
-        print(f"loaded {ckpt}")
-    else:
+
+    def train_fn() -> List[float]:
         print(f"training looped transformer ({n_par} params, {steps} steps, T ~ U[8, 32], grad through last 6 loops)")
-        losses = train(model, steps=steps, seed=args.seed)
-        torch.save(model.state_dict(), ckpt)
+        losses.extend(train(model, steps=steps, seed=args.seed))
+        return losses
+
+    # The data distribution is part of the meta: a checkpoint trained on other rows is retrained.
+    meta = {"seed": args.seed, "steps": steps, "n_cells": N_CELLS, "p_wall": P_WALL, "p_source": P_SOURCE,
+            "hard_radius": HARD_RADIUS}
+    info = common.load_or_train(ckpt, model, train_fn, args.retrain, meta)
     res = probe(model, 256 if quick else 2000, seed=args.seed + 1)
     print(f"\nLooped transformer, segment reachability ({N_CELLS} cells), {256 if quick else 2000} test rows; "
           f"separation = mean Hamming distance between outputs after flipping one input token "
@@ -274,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     png = out / "looped_transformer_scaling.png"
     plot(png, res, "Looped transformer: accuracy and separation vs loops")
     results = {"case": "looped-transformer", "quick": quick, "seed": args.seed, "params": n_par, "steps": steps,
-               "train_loss": losses, **res, "png": str(png), "wall_s": round(time.time() - t_start, 1)}
+               "train_loss": losses, **info, **res, "png": str(png), "wall_s": round(time.time() - t_start, 1)}
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {out / 'results.json'} and {png} ({results['wall_s']} s)")

@@ -442,13 +442,14 @@ def run(args: argparse.Namespace) -> int:
     ckpt = out / f"implicit_d{d}{'_quick' if quick else ''}.pt"
     model = LPGNN(d, implicit=True)
     losses: List[float] = []
-    if ckpt.exists() and not args.retrain:
-        model.load_state_dict(torch.load(ckpt))
-        print(f"loaded {ckpt}")
-    else:
+
+    def train_fn() -> List[float]:
         print(f"training implicit GNN (embedding {d}, {n_params(model)} params, {epochs} epochs)")
-        losses = train_model(model, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"implicit d={d}")
-        torch.save(model.state_dict(), ckpt)
+        losses.extend(train_model(model, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"implicit d={d}"))
+        return losses
+
+    meta = {"seed": args.seed, "embedding": d, "implicit": True, "epochs": epochs, "lr": args.lr, "n_train": n_train}
+    common.load_or_train(ckpt, model, train_fn, args.retrain, meta)
     ts, errors, L = scaling_probe(model, test, t_max=t_max, n_dirs=2 if quick else 4, seed=args.seed)
 
     print(f"\nImplicit GNN (embedding {d}, {n_params(model)} params), {n_test} test LPs; "
@@ -473,14 +474,13 @@ def run(args: argparse.Namespace) -> int:
                 torch.manual_seed(args.seed)
                 mdl = LPGNN(dd, implicit=(kind == "implicit"))
                 path = out / f"table_{kind}_d{dd}{'_quick' if quick else ''}.pt"
-                if path.exists() and not args.retrain:
-                    mdl.load_state_dict(torch.load(path))
-                else:
-                    t1 = time.time()
-                    train_model(mdl, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"{kind} d={dd}",
-                                log=print)
-                    torch.save(mdl.state_dict(), path)
-                    row[f"{kind}_train_s"] = round(time.time() - t1, 1)
+                meta = {"seed": args.seed, "embedding": dd, "implicit": kind == "implicit", "epochs": epochs,
+                        "lr": args.lr, "n_train": n_train}
+                info = common.load_or_train(path, mdl, lambda: train_model(
+                    mdl, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"{kind} d={dd}", log=print),
+                    args.retrain, meta)
+                if info["trained"]:
+                    row[f"{kind}_train_s"] = round(info["train_seconds"], 1)
                 row[f"{kind}_params"] = n_params(mdl)
                 row[f"{kind}_error"] = evaluate_error(mdl, test, T=8)
             rows_out.append(row)
