@@ -342,25 +342,21 @@ def _plain_head(st: LoopState, fz: torch.Tensor, p: StepParams) -> Tuple[torch.T
     code = torch.where((abs_r - abs_r) != 0, nonfin, code)
     if st.best_z is not None:
         better = running & (res < (st.best_rel if p.stop_rel else st.best_abs))
-        st.best_z.copy_(torch.where(better[:, None], st.z, st.best_z))
-        st.best_abs.copy_(torch.where(better, abs_r, st.best_abs))
-        st.best_rel.copy_(torch.where(better, rel_r, st.best_rel))
-    st.abs_res.copy_(torch.where(running, abs_r, st.abs_res))
-    st.rel_res.copy_(torch.where(running, rel_r, st.rel_res))
-    st.status.copy_(torch.where(running, code, st.status))
+        torch.where(better[:, None], st.z, st.best_z, out=st.best_z)
+        torch.where(better, abs_r, st.best_abs, out=st.best_abs)
+        torch.where(better, rel_r, st.best_rel, out=st.best_rel)
+    torch.where(running, abs_r, st.abs_res, out=st.abs_res)
+    torch.where(running, rel_r, st.rel_res, out=st.rel_res)
+    torch.where(running, code, st.status, out=st.status)
     still = st.status == 0
     st.n_iter.add_(still)
     return g, still
 
 
-def _plain_damped(st: LoopState, fz: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
-    return _cast(fz, g.dtype) if beta == 1.0 else torch.add(_cast(st.z, g.dtype), g, alpha=beta)
-
-
 def plain_picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """Plain form of :func:`picard_step`."""
     g, still = _plain_head(st, fz, p)
-    st.z.copy_(torch.where(still[:, None], _cast(_plain_damped(st, fz, g, p.beta), st.z.dtype), st.z))
+    torch.where(still[:, None], _cast(_picard_update(st, fz, g, p.beta), st.z.dtype), st.z, out=st.z)
 
 
 def plain_anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
@@ -384,5 +380,5 @@ def plain_anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: in
     mix = mix.squeeze(1)
     s = mix.sum(dim=1)
     ok = (info == 0) & ((s - s) == 0)
-    z_new = torch.where(ok[:, None], mix, _plain_damped(st, fz, g, p.beta))
-    st.z.copy_(torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z))
+    z_new = torch.where(ok[:, None], mix, _picard_update(st, fz, g, p.beta))
+    torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z, out=st.z)

@@ -30,6 +30,23 @@ BLOCK_CAP = 1024
 
 
 @triton.jit
+def _residual_sums(z_ptr, fz_ptr, fz_stride, b64, start, D, BPP, BLOCK: tl.constexpr):
+    """sum (f(z) - z)^2 and sum f(z)^2 of sample b64 over BPP blocks from ``start``."""
+    offs = tl.arange(0, BLOCK)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_f = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, BPP):
+        d = start + j * BLOCK + offs
+        msk = d < D
+        zf = tl.load(z_ptr + b64 * D + d, mask=msk, other=0.0).to(tl.float32)
+        ff = tl.load(fz_ptr + b64 * fz_stride + d, mask=msk, other=0.0).to(tl.float32)
+        g = ff - zf
+        acc_g += g * g
+        acc_f += ff * ff
+    return tl.sum(acc_g, axis=0), tl.sum(acc_f, axis=0)
+
+
+@triton.jit
 def _picard_partial_kernel(
     z_ptr, fz_ptr, fz_stride, status_ptr, best_res_ptr,
     part_ptr, snap_status_ptr, snap_best_ptr,
@@ -39,21 +56,10 @@ def _picard_partial_kernel(
     b = tl.program_id(0)
     c = tl.program_id(1)
     b64 = b.to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_f = tl.zeros([BLOCK], dtype=tl.float32)
-    start = c * BPP * BLOCK
-    for j in range(0, BPP):
-        d = start + j * BLOCK + offs
-        msk = d < D
-        zf = tl.load(z_ptr + b64 * D + d, mask=msk, other=0.0).to(tl.float32)
-        ff = tl.load(fz_ptr + b64 * fz_stride + d, mask=msk, other=0.0).to(tl.float32)
-        g = ff - zf
-        acc_g += g * g
-        acc_f += ff * ff
+    gsq, fsq = _residual_sums(z_ptr, fz_ptr, fz_stride, b64, c * BPP * BLOCK, D, BPP, BLOCK)
     pbase = part_ptr + (b64 * C + c) * 2
-    tl.store(pbase, tl.sum(acc_g, axis=0))
-    tl.store(pbase + 1, tl.sum(acc_f, axis=0))
+    tl.store(pbase, gsq)
+    tl.store(pbase + 1, fsq)
     # Snapshot the pre-step per-sample state the update kernel decides from: its
     # chunk-0 program overwrites status/best in place while other chunks still read.
     first = c == 0
@@ -78,18 +84,7 @@ def _picard_update_kernel(
     start = c * BPP * BLOCK
     if FUSED:
         # One program per sample: reduce over all of D here (pass 1).
-        acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_f = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in range(0, BPP):
-            d = start + j * BLOCK + offs
-            msk = d < D
-            zf = tl.load(z_ptr + b64 * D + d, mask=msk, other=0.0).to(tl.float32)
-            ff = tl.load(fz_ptr + b64 * fz_stride + d, mask=msk, other=0.0).to(tl.float32)
-            g = ff - zf
-            acc_g += g * g
-            acc_f += ff * ff
-        gsq = tl.sum(acc_g, axis=0)
-        fsq = tl.sum(acc_f, axis=0)
+        gsq, fsq = _residual_sums(z_ptr, fz_ptr, fz_stride, b64, start, D, BPP, BLOCK)
         status_old = tl.load(status_ptr + b).to(tl.int32)
         if BEST:
             best_old = tl.load(best_res_ptr + b)
