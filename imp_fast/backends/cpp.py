@@ -65,11 +65,12 @@ def _fast_state(st: LoopState, p: StepParams, fz: torch.Tensor):
     """The state as the tuple ``_C._step_cpu`` takes, built once per solve (kept in
     ``st.cache``), or None where the eager fast path does not apply: not CPU, tensor
     subclasses (fake tensors), tracing. There the torch.ops call is used."""
+    if _fast is None or type(fz) is not torch.Tensor or not fz.is_cpu:
+        return None
     hit = st.cache.get(("cpp", p))
     if hit is not None and hit[0] is st.z:
-        return hit if type(fz) is torch.Tensor and fz.is_cpu else None
-    if (_fast is None or type(fz) is not torch.Tensor or not fz.is_cpu or type(st.z) is not torch.Tensor
-            or torch.compiler.is_compiling()):
+        return hit
+    if torch.compiler.is_compiling():
         return None
     tensors = (st.z, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0, st.best_z, st.best_abs, st.best_rel,
                st.F, st.G, st.H)
