@@ -32,8 +32,11 @@ _RUNNING = int(Status.RUNNING)
 _MAX_ITER = int(Status.MAX_ITER)
 _OPTIONS = (
     "method", "max_iter", "tol", "stop", "m", "beta", "lam", "check_every", "return_best",
-    "trace", "backend", "throw", "divergence", "eps", "cuda_graph",
+    "trace", "backend", "throw", "divergence", "eps", "cuda_graph", "batched",
 )
+# Traces start this long and double as iterations run: a large max_iter costs nothing
+# up front (a max_iter of 10**9 must not allocate max_iter x B at the start).
+_TRACE_CHUNK = 64
 
 
 def solve(
@@ -55,6 +58,7 @@ def solve(
     divergence: float = 1e6,
     eps: float = 1e-9,
     cuda_graph: bool = False,
+    batched: bool = True,
     **unknown,
 ) -> SolveResult:
     """Find z with f(z) = z for every sample of a batch.
@@ -62,7 +66,12 @@ def solve(
     Args:
         f: maps a tensor shaped like ``z0`` to one of the same shape, dtype and device;
             called on the whole batch once per iteration. It must treat samples
-            independently for the batch-invariance guarantee to hold.
+            independently for the batch-invariance guarantee to hold (or use
+            ``batched=False``). f must not modify its argument in place (it is the
+            solver's live state): a solve whose f does raises a RuntimeError. Under
+            ``torch.autocast`` f may return a lower-precision floating dtype; it is
+            cast back to the state's dtype (the state keeps z0's dtype and norms stay
+            float32 or wider).
         z0: initial guess, batch on dim 0 (never modified).
         method: "anderson" (type-II Anderson acceleration) or "picard".
         max_iter: most f evaluations.
@@ -86,6 +95,13 @@ def solve(
             graph on the first call and replay it on later calls with the same f,
             shapes and options (implies ``check_every=None``; CUDA tensors only; f
             must be capturable). See :mod:`imp_fast.graph`.
+        batched: True (default): dim 0 is a batch of independent samples, each with
+            its own residual, status and Anderson system. False: the whole tensor is
+            ONE problem (one status, one residual norm over all entries, one Anderson
+            system) — use it when the rows of the state are coupled, e.g. graph
+            nodes x features where f mixes nodes; with the per-sample default such
+            rows would freeze one by one although they are not independent. The
+            result's per-sample tensors then have length 1 (traces ``(T, 1)``).
 
     Returns:
         :class:`SolveResult`. Runs under ``torch.no_grad()``: for gradients use
@@ -98,7 +114,7 @@ def solve(
         return solve_graphed(
             f, z0, method=method, max_iter=max_iter, tol=tol, stop=stop, m=m, beta=beta, lam=lam,
             return_best=return_best, trace=trace, backend=backend, throw=throw,
-            divergence=divergence, eps=eps,
+            divergence=divergence, eps=eps, batched=batched,
         )
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
@@ -117,29 +133,49 @@ def solve(
     if divergence <= 1.0:
         raise ValueError(f"divergence must be > 1 (a factor on the first residual), got {divergence!r}")
     eps = check_positive("eps", eps, allow_zero=True)
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
     impl = get_backend(backend, z0.device)
 
     params = StepParams(tol=tol, beta=beta, stop_rel=(stop == "rel"), divergence=divergence, eps=eps, lam=lam)
     shape = z0.shape
-    B = shape[0]
+    # batched=False: the whole tensor is one "sample" of the engine.
+    B = shape[0] if batched else 1
     with torch.no_grad():
         z = z0.detach().reshape(B, -1).clone(memory_format=torch.contiguous_format)
         st = LoopState.create(z, m=m if method == "anderson" else None, return_best=return_best)
         cdt = compute_dtype(z.dtype)
         tr_abs = tr_rel = None
         if trace:
-            tr_abs = torch.empty(max_iter, B, dtype=cdt, device=z.device)
-            tr_rel = torch.empty(max_iter, B, dtype=cdt, device=z.device)
+            tr_abs = torch.empty(min(max_iter, _TRACE_CHUNK), B, dtype=cdt, device=z.device)
+            tr_rel = torch.empty_like(tr_abs)
         host_syncs = 0
         k = 0
         compiling = torch.compiler.is_compiling()  # once: it costs microseconds per call
         # Hoisted out of the loop: at small sizes Python work per iteration shows up.
         z_in = st.z if st.z.shape == shape else st.z.view(shape)
-        flat = z0.dim() == 2
+        flat = z0.dim() == 2 and batched
         anderson_step, picard_step = impl.anderson_step, impl.picard_step
         is_anderson = method == "anderson"
+        # f must not write into its argument (the live state). Version counters catch
+        # it for free; inference tensors have none, so there f gets a copy instead.
+        protect = not compiling and st.z.is_inference()
+        watch = not compiling and not protect
+        autocast_on = not compiling and _autocast_enabled(z.device.type)
         for k in range(max_iter):
-            fz = f(z_in)
+            if watch:
+                version = st.z._version
+                fz = f(z_in)
+                if st.z._version != version:
+                    raise RuntimeError(
+                        "f modified its input in place (e.g. z.mul_(...), z += ..., z[...] = ...); the "
+                        "argument f receives is the solver's live state. Return a new tensor instead "
+                        "(z * 0.5 + 1 rather than z.mul_(0.5).add_(1)). The solve was stopped; z0 is unchanged."
+                    )
+            else:
+                fz = f(z_in.clone() if protect else z_in)
+            if autocast_on and isinstance(fz, torch.Tensor) and fz.dtype != z.dtype and fz.is_floating_point():
+                fz = fz.to(z.dtype)  # autocast: f ran in lower precision; the state keeps its dtype
             check_f_output(fz, z_in, shape)
             if not flat:
                 fz = fz.reshape(B, -1)
@@ -152,6 +188,8 @@ def solve(
             if k == 0:
                 st.abs0.copy_(st.abs_res)
             if trace:
+                if k == tr_abs.shape[0]:
+                    tr_abs, tr_rel = _grow(tr_abs, max_iter), _grow(tr_rel, max_iter)
                 tr_abs[k].copy_(st.abs_res)
                 tr_rel[k].copy_(st.rel_res)
             done = k + 1
@@ -184,6 +222,29 @@ def solve(
     if throw:
         result.raise_on_failure()
     return result
+
+
+def _grow(trace: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """The trace with twice the rows (at most max_iter), the old rows copied."""
+    rows = min(2 * trace.shape[0], max_iter)
+    try:
+        out = trace.new_empty(rows, trace.shape[1])
+    except RuntimeError as exc:  # out of memory: name the option that asked for it
+        raise RuntimeError(
+            f"trace=True: cannot grow the residual trace to {rows} x {trace.shape[1]} entries "
+            f"({exc}); use trace=False or a smaller max_iter"
+        ) from exc
+    out[: trace.shape[0]].copy_(trace)
+    return out
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        return device_type == "cpu" and torch.is_autocast_cpu_enabled()
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

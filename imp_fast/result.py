@@ -51,6 +51,8 @@ class SolveResult:
         trace_abs, trace_rel: ``(T, B)`` residual per iteration when ``trace=True``.
         host_syncs: how many times the solve read device state on the host.
         iterations: loop iterations run (f evaluations on the whole batch).
+        jac_loss: :func:`imp_fast.implicit_solve` with ``jac_reg=True`` only: the
+            differentiable Jacobian-regulariser estimate at z* (else None).
     """
 
     z: torch.Tensor
@@ -67,6 +69,7 @@ class SolveResult:
     tol: float
     stop: str
     extras: dict = field(default_factory=dict)
+    jac_loss: Optional[torch.Tensor] = None
 
     @property
     def converged(self) -> torch.Tensor:

@@ -62,13 +62,33 @@ def reject_unknown(func: str, kwargs: dict, known: Iterable[str]) -> None:
     known = sorted(known)
     parts = []
     for k in kwargs:
-        # A prefix ('tolerance' -> 'tol') is a better hint than edit distance.
-        close = sorted((o for o in known if k.startswith(o) or o.startswith(k)), key=len, reverse=True)
-        close = close or difflib.get_close_matches(k, known, n=1)
-        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hint = suggest_option(k, known)
+        parts.append(f"{k!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
     raise TypeError(
         f"{func}() got unknown keyword argument(s) {', '.join(parts)}; accepted options are: {', '.join(known)}"
     )
+
+
+def suggest_option(name: str, known: Iterable[str]) -> Optional[str]:
+    """The known option a misspelt ``name`` most likely meant, or None.
+
+    Spellings from other libraries first ('maxiter' -> 'max_iter', 'tolerance' ->
+    'tol'): names equal once underscores and case are ignored, then a prefix of at
+    least three letters, then the closest by edit distance.
+    """
+    def norm(s: str) -> str:
+        return s.replace("_", "").replace("-", "").lower()
+
+    known = list(known)
+    by_norm = {norm(o): o for o in known}
+    n = norm(str(name))
+    if n in by_norm:
+        return by_norm[n]
+    prefix = [o for o in known if min(len(norm(o)), len(n)) >= 3 and (n.startswith(norm(o)) or norm(o).startswith(n))]
+    if prefix:
+        return max(prefix, key=lambda o: len(o))
+    close = difflib.get_close_matches(n, list(by_norm), n=1, cutoff=0.6)
+    return by_norm[close[0]] if close else None
 
 
 def check_f_output(fz: Any, z: torch.Tensor, shape: torch.Size) -> None:

@@ -65,7 +65,7 @@ def test_gradcheck_linear(method):
 
     def fn(x, A, Bm):
         G = lambda z, x: z @ A.T + x @ Bm.T
-        return implicit_solve(G, x, z0, method=method, params=[A, Bm], **TIGHT)
+        return implicit_solve(G, x, z0, method=method, **TIGHT)
 
     assert torch.autograd.gradcheck(fn, (x, A, Bm))
 
@@ -77,7 +77,7 @@ def test_gradcheck_tanh_mlp():
     z0 = torch.zeros(B, D, dtype=F64)
 
     def fn(x, W, U, b):
-        return implicit_solve(_tanh_G(W, U, b), x, z0, params=[W, U, b], **TIGHT)
+        return implicit_solve(_tanh_G(W, U, b), x, z0, **TIGHT)
 
     assert torch.autograd.gradcheck(fn, (x, W, U, b))
 
@@ -127,7 +127,7 @@ def test_ift_matches_analytic_linear():
     x = torch.randn(Bsz, X, dtype=F64, requires_grad=True)
     w = torch.randn(Bsz, D, dtype=F64)
     G = lambda z, x: z @ A.T + x @ Bm.T
-    z = implicit_solve(G, x, torch.zeros(Bsz, D, dtype=F64), params=[A, Bm], **TIGHT)
+    z = implicit_solve(G, x, torch.zeros(Bsz, D, dtype=F64), **TIGHT)
     gx, gA, gB = torch.autograd.grad((w * z).sum(), [x, A, Bm])
 
     with torch.no_grad():
@@ -140,13 +140,30 @@ def test_ift_matches_analytic_linear():
         assert _rel_close(gB, u.T @ x, 1e-8)
 
 
-def test_ift_closure_without_params_gives_only_x_grad():
+def test_ift_closure_captured_tensors_get_gradients():
+    # A plain closure over leaf tensors: every one of them gets the IFT gradient,
+    # equal to backprop through a 400-step unroll (float64).
     W, U, b = _tanh_params()
     x = torch.randn(2, 3, dtype=F64, requires_grad=True)
-    z = implicit_solve(_tanh_G(W, U, b), x, torch.zeros(2, 5, dtype=F64), **TIGHT)
+    z0 = torch.zeros(2, 5, dtype=F64)
+    z = implicit_solve(_tanh_G(W, U, b), x, z0, **TIGHT)
+    (z * torch.arange(1.0, 6.0, dtype=F64)).sum().backward()
+    got = [t.grad.clone() for t in (x, W, U, b)]
+    for t in (x, W, U, b):
+        t.grad = None
+    (_picard_unrolled(_tanh_G(W, U, b), x, z0, 400) * torch.arange(1.0, 6.0, dtype=F64)).sum().backward()
+    for g, t in zip(got, (x, W, U, b)):
+        assert _rel_close(g, t.grad, 1e-6)
+
+
+def test_params_option_is_deprecated_and_harmless():
+    W, U, b = _tanh_params()
+    x = torch.randn(2, 3, dtype=F64)
+    z0 = torch.zeros(2, 5, dtype=F64)
+    with pytest.warns(DeprecationWarning, match="params= is no longer needed"):
+        z = implicit_solve(_tanh_G(W, U, b), x, z0, params=[W], **TIGHT)
     z.sum().backward()
-    assert x.grad is not None
-    assert W.grad is None and U.grad is None  # documented: closed-over tensors need params=
+    assert W.grad is not None and U.grad is not None and b.grad is not None
 
 
 def test_ift_partial_params_and_non_leaf_param():
@@ -158,7 +175,7 @@ def test_ift_partial_params_and_non_leaf_param():
     x = torch.randn(3, 3, dtype=F64)
     z0 = torch.zeros(3, 5, dtype=F64)
     G = _tanh_G(Ws, U, b)
-    z = implicit_solve(G, x, z0, params=[Ws, U, b], **TIGHT)
+    z = implicit_solve(G, x, z0, **TIGHT)
     z.sum().backward()
     g_raw, g_W, g_b = raw.grad.clone(), W.grad.clone(), b.grad.clone()
     raw.grad = W.grad = b.grad = None
@@ -171,7 +188,7 @@ def test_ift_no_grad_needed_returns_plain_solution():
     W, U, b = _tanh_params()
     x = torch.randn(2, 3, dtype=F64)
     with torch.no_grad():
-        z = implicit_solve(_tanh_G(W, U, b), x, torch.zeros(2, 5, dtype=F64), params=[W, U, b], **TIGHT)
+        z = implicit_solve(_tanh_G(W, U, b), x, torch.zeros(2, 5, dtype=F64), **TIGHT)
     assert z.grad_fn is None and not z.requires_grad
 
 
@@ -285,7 +302,7 @@ def test_memory_does_not_grow_with_max_iter(mode):
     for it in (10, 100):
         n, (z, res) = _count_saved(
             lambda: implicit_solve(
-                G, x, z0, method="picard", max_iter=it, tol=1e-14, stop="abs", params=params,
+                G, x, z0, method="picard", max_iter=it, tol=1e-14, stop="abs",
                 backward=mode, return_result=True, backend="reference", on_adjoint_failure="ignore",
             )
         )

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import imp_fast
+import imp_fast.backends
 from imp_fast import Status
 
 from helpers import contractive_linear, linear_map
@@ -167,3 +168,43 @@ def test_result_messages_and_summary():
     assert all("converged" in m for m in r.messages())
     assert r.status.dtype == torch.int8 and r.n_iter.dtype == torch.int32
     assert (r.status == Status.CONVERGED).all()
+
+
+# ---------------------------------------------------------------- adversarial inputs (issue 13)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_f_modifying_its_input_in_place_is_an_error(backend, method):
+    if imp_fast.backends.backend_status()[backend] is not None:
+        pytest.skip(f"{backend} not built")
+    z0 = torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="modified its input in place"):
+        imp_fast.solve(lambda z: z.mul_(0.5).add_(1.0), z0, method=method, backend=backend)
+    assert torch.equal(z0, torch.zeros(2, 4))
+
+
+def test_f_modifying_its_input_under_inference_mode_gets_a_copy():
+    # inference tensors have no version counter: f gets a copy, the answer is still right
+    with torch.inference_mode():
+        r = imp_fast.solve(lambda z: z.mul_(0.5).add_(1.0), torch.zeros(2, 4), method="picard", tol=1e-6,
+                           max_iter=100, backend="reference")
+    assert r.ok and torch.allclose(r.z, torch.full((2, 4), 2.0), atol=1e-5)
+
+
+def test_trace_grows_with_iterations_instead_of_allocating_max_iter():
+    # Picard on z -> 0.9 z + 1: residual after k updates is 0.1 * 0.9^k * ||1|| (closed form)
+    B, D = 3, 4
+    r = imp_fast.solve(lambda z: 0.9 * z + 1.0, torch.zeros(B, D, dtype=torch.float64), method="picard",
+                       max_iter=10**9, tol=1e-9, stop="abs", trace=True, backend="reference")
+    n = r.iterations
+    assert n > 64  # more than one trace chunk
+    assert r.trace_abs.shape == (n, B)
+    k = torch.arange(n, dtype=torch.float64)
+    want = (0.9**k * 1.0 * D**0.5)[:, None].expand(n, B)  # ||f(z_k) - z_k|| = 0.9^k * ||1||
+    torch.testing.assert_close(r.trace_abs, want, rtol=1e-9, atol=1e-12)
+
+
+def test_scipy_spelling_gets_the_right_hint():
+    with pytest.raises(TypeError, match=r"'maxiter' \(did you mean 'max_iter'\?\)"):
+        imp_fast.solve(lambda z: z, torch.zeros(1, 2), maxiter=5)
