@@ -5,6 +5,29 @@ import torch
 torch.set_num_threads(1)
 
 _ROWS = []
+_ACTIVE = []
+
+
+@pytest.fixture
+def record_active():
+    def add(**row):
+        _ACTIVE.append(row)
+
+    return add
+
+
+def _active_summary(tr):
+    tr.write_sep("=", "active sets: heterogeneous batch (64, 1024), full solves to tol (min over rounds, 1 thread)")
+    tr.write_line("| solver | compact | ms | f-rows | time / whole-batch | f-rows / whole-batch | sum(n_i)/(B max n_i) |")
+    tr.write_line("|---|---|---|---|---|---|---|")
+    base = {r["method"]: r for r in _ACTIVE if r["compact"] is False}
+    for r in _ACTIVE:
+        b = base.get(r["method"])
+        t = f"{r['ms'] / b['ms']:.2f}x" if b else ""
+        fr = f"{r['f_rows'] / b['f_rows']:.2f}" if b else ""
+        wr = "" if r["work_ratio"] is None else f"{r['work_ratio']:.2f}"
+        c = "" if r["compact"] is None else ("yes" if r["compact"] else "no")
+        tr.write_line(f"| {r['solver']} | {c} | {r['ms']:.1f} | {r['f_rows']} | {t} | {fr} | {wr} |")
 
 
 @pytest.fixture
@@ -16,6 +39,8 @@ def record_row():
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _ACTIVE:
+        _active_summary(terminalreporter)
     if not _ROWS:
         return
     tr = terminalreporter

@@ -56,6 +56,7 @@ DEFAULTS = dict(
     backend="auto",
     batched=True,
     return_best=False,
+    compact=False,
     backward="ift",
     b_method=None,
     b_max_iter=None,
@@ -113,6 +114,9 @@ def validate_options(func: str, options: dict) -> dict:
         raise ValueError(f"backend must be 'auto', 'reference', 'cpp' or 'triton', got {o['backend']!r}")
     _check_bool("batched", o["batched"])
     _check_bool("return_best", o["return_best"])
+    _check_bool("compact", o["compact"])
+    if o["compact"] and (o["check_every"] is None or not o["batched"]):
+        raise ValueError("compact=True needs check_every (an int) and batched=True")
     check_choice("backward", o["backward"], BACKWARD_MODES)
     if o["b_method"] is not None:
         check_choice("b_method", o["b_method"], METHODS)
@@ -165,6 +169,7 @@ def implicit_solve(
     backend: str = "auto",
     batched: bool = True,
     return_best: bool = False,
+    compact: bool = False,
     backward: str = "ift",
     b_method: Optional[str] = None,
     b_max_iter: Optional[int] = None,
@@ -205,6 +210,12 @@ def implicit_solve(
             coupled (graph nodes x features with message passing across nodes).
         return_best (False): return each sample's lowest-residual iterate when the
             solve stops short of tol, as the DEQ codebases' solvers do.
+        compact (False): active sets for the forward solve (see
+            :func:`imp_fast.solve`): samples that converged leave the working set at
+            each check, and G runs on the running rows of z and x only. Needs x to be
+            one tensor batched on dim 0 and G to treat samples independently (not
+            with BatchNorm-style batch statistics). The adjoint solve runs on the
+            whole batch (its VJPs come from one graph of G over the batch).
 
     Gradient options:
         backward: "ift" (exact implicit gradient, default), "jfb", "phantom" or
@@ -249,7 +260,7 @@ def implicit_solve(
     o = validate_options("implicit_solve", dict(
         method=method, max_iter=max_iter, tol=tol, stop=stop, m=m, beta=beta, lam=lam,
         check_every=check_every, backend=backend, batched=batched, return_best=return_best,
-        backward=backward, b_method=b_method, b_max_iter=b_max_iter, b_tol=b_tol,
+        compact=compact, backward=backward, b_method=b_method, b_max_iter=b_max_iter, b_tol=b_tol,
         phantom_k=phantom_k, phantom_damping=phantom_damping, on_adjoint_failure=on_adjoint_failure,
         jac_reg=jac_reg, jac_reg_samples=jac_reg_samples, return_result=return_result, params=params,
     ))
@@ -281,7 +292,16 @@ def implicit_solve(
             with torch.enable_grad():
                 jac_loss = jacobian_frobenius_estimate(call(z_req), z_req, o["jac_reg_samples"], o["batched"])
     else:
-        result = solve(call, z0.detach(), **fwd)
+        if o["compact"]:
+            if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == z0.shape[0]):
+                raise ValueError(
+                    "compact=True needs x to be one tensor batched on dim 0 like z0 (its rows are gathered "
+                    "with z's); close over other inputs, or leave compact off"
+                )
+            call_x = _make_call(G, None, True, z0_default)  # G(z, x_rows) on the working rows
+            result = solve(call_x, z0.detach(), args=(x.detach(),), compact=True, **fwd)
+        else:
+            result = solve(call, z0.detach(), **fwd)
         z_star = result.z
         if not grad_on:
             z = z_star
@@ -348,9 +368,9 @@ def _initial_state(x: Any, z0: Optional[torch.Tensor], has_x: bool) -> Tuple[tor
 def _make_call(G: Callable, x: Any, has_x: bool, z0_default: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """z -> G(z, x) (or G(z)), with autocast outputs cast back and a hint about z0."""
 
-    def call(z: torch.Tensor) -> torch.Tensor:
+    def call(z: torch.Tensor, *rows_of_x: torch.Tensor) -> torch.Tensor:
         try:
-            out = G(z, x) if has_x else G(z)
+            out = G(z, *rows_of_x) if rows_of_x else (G(z, x) if has_x else G(z))
         except (RuntimeError, ValueError, IndexError) as exc:
             if z0_default and hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note(

@@ -35,7 +35,7 @@ class ImplicitLayer(nn.Module):
             point is detached: it carries no gradient.
         **options: any keyword option of :func:`imp_fast.autograd.implicit_solve`
             (method, max_iter, tol, stop, m, beta, lam, check_every, backend, batched,
-            return_best, backward, b_method, b_max_iter, b_tol, phantom_k,
+            return_best, compact, backward, b_method, b_max_iter, b_tol, phantom_k,
             phantom_damping, on_adjoint_failure, jac_reg, jac_reg_samples,
             return_result, params); checked here, at construction.
 
@@ -131,7 +131,7 @@ class ImplicitLayer(nn.Module):
         if o["backward"] == "phantom":
             keys += ["phantom_k", "phantom_damping"]
         keys += [k for k in ("b_method", "b_max_iter", "b_tol") if o[k] is not None]
-        keys += [k for k in ("batched", "return_best", "jac_reg") if o[k] != DEFAULTS[k]]
+        keys += [k for k in ("batched", "return_best", "compact", "jac_reg") if o[k] != DEFAULTS[k]]
         if o["backend"] != DEFAULTS["backend"]:
             keys.append("backend")
         parts = [f"{k}={o[k]!r}" for k in keys]

@@ -8,7 +8,7 @@ with ``check_every=None``.
 from __future__ import annotations
 
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
@@ -32,7 +32,7 @@ _RUNNING = int(Status.RUNNING)
 _MAX_ITER = int(Status.MAX_ITER)
 _OPTIONS = (
     "method", "max_iter", "tol", "stop", "m", "beta", "lam", "check_every", "return_best",
-    "trace", "backend", "throw", "divergence", "eps", "cuda_graph", "batched",
+    "trace", "backend", "throw", "divergence", "eps", "cuda_graph", "batched", "args", "compact",
 )
 # Traces start this long and double as iterations run: a large max_iter costs nothing
 # up front (a max_iter of 10**9 must not allocate max_iter x B at the start).
@@ -44,7 +44,7 @@ def solve(
     z0: torch.Tensor,
     *,
     method: str = "anderson",
-    max_iter: int = 50,
+    max_iter: Union[int, torch.Tensor] = 50,
     tol: float = 1e-4,
     stop: str = "rel",
     m: int = 5,
@@ -59,6 +59,8 @@ def solve(
     eps: float = 1e-9,
     cuda_graph: bool = False,
     batched: bool = True,
+    args: Tuple[Any, ...] = (),
+    compact: bool = False,
     **unknown,
 ) -> SolveResult:
     """Find z with f(z) = z for every sample of a batch.
@@ -74,7 +76,9 @@ def solve(
             float32 or wider).
         z0: initial guess, batch on dim 0 (never modified).
         method: "anderson" (type-II Anderson acceleration) or "picard".
-        max_iter: most f evaluations.
+        max_iter: most f evaluations: an int, or a ``(B,)`` integer tensor of
+            per-sample budgets (test-time scaling: sample b stops with MAX_ITER after
+            ``max_iter[b]`` updates; the loop runs ``max(max_iter)`` iterations).
         tol: a sample converges when its ``stop`` residual is below tol; it is then
             frozen (its z never changes again).
         stop: "rel" (||f(z)-z|| / (||f(z)|| + eps)) or "abs" (||f(z)-z||).
@@ -102,6 +106,19 @@ def solve(
             nodes x features where f mixes nodes; with the per-sample default such
             rows would freeze one by one although they are not independent. The
             result's per-sample tensors then have length 1 (traces ``(T, 1)``).
+        args: extra arguments: f is called as ``f(z, *args)``. Every tensor in args
+            must have the batch on dim 0 (other values are passed as they are).
+            Without ``compact`` this is the same as closing over them.
+        compact: active sets. At each check (every ``check_every`` iterations) the
+            samples that froze leave the working set: from then on f and the step
+            run on the running rows only (z, the Anderson history and the tensors in
+            ``args`` are gathered once per check, not per iteration) and the answers
+            are scattered back at the end. Statuses, n_iter, residuals, traces and
+            ``return_best`` keep their meaning, and the answers equal the
+            uncompacted solve for a batch-separable f. It pays when samples need
+            very different numbers of iterations; it is wrong for an f that couples
+            samples (BatchNorm in training mode, batch statistics): there, leave it
+            off. Needs ``check_every`` (an int) and ``batched=True``.
 
     Returns:
         :class:`SolveResult`. Runs under ``torch.no_grad()``: for gradients use
@@ -111,6 +128,11 @@ def solve(
     if cuda_graph:
         from .graph import solve_graphed
 
+        if args or compact or isinstance(max_iter, torch.Tensor):
+            raise ValueError(
+                "cuda_graph=True runs a fixed max_iter for the whole batch: args=, compact=True and per-sample "
+                "max_iter tensors are not supported there (close over the tensors instead)"
+            )
         return solve_graphed(
             f, z0, method=method, max_iter=max_iter, tol=tol, stop=stop, m=m, beta=beta, lam=lam,
             return_best=return_best, trace=trace, backend=backend, throw=throw,
@@ -121,6 +143,9 @@ def solve(
     check_tensor("z0", z0)
     check_choice("method", method, METHODS)
     check_choice("stop", stop, ("rel", "abs"))
+    budget = None
+    if isinstance(max_iter, torch.Tensor):
+        budget, max_iter = _check_budget(max_iter, z0, batched)
     max_iter = check_int("max_iter", max_iter, minimum=1)
     tol = check_positive("tol", tol)
     m = check_int("m", m, minimum=1)
@@ -135,6 +160,13 @@ def solve(
     eps = check_positive("eps", eps, allow_zero=True)
     if not isinstance(batched, bool):
         raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
+    args = _check_args(args, z0, batched)
+    if not isinstance(compact, bool):
+        raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
+    if compact and check_every is None:
+        raise ValueError("compact=True needs check_every (an int): the working set shrinks at checks")
+    if compact and not batched:
+        raise ValueError("compact=True needs batched=True (with batched=False there is one problem)")
     impl = get_backend(backend, z0.device)
 
     params = StepParams(tol=tol, beta=beta, stop_rel=(stop == "rel"), divergence=divergence, eps=eps, lam=lam)
@@ -152,9 +184,6 @@ def solve(
         host_syncs = 0
         k = 0
         compiling = torch.compiler.is_compiling()  # once: it costs microseconds per call
-        # Hoisted out of the loop: at small sizes Python work per iteration shows up.
-        z_in = st.z if st.z.shape == shape else st.z.view(shape)
-        flat = z0.dim() == 2 and batched
         anderson_step, picard_step = impl.anderson_step, impl.picard_step
         is_anderson = method == "anderson"
         # f must not write into its argument (the live state). Version counters catch
@@ -162,43 +191,74 @@ def solve(
         protect = not compiling and st.z.is_inference()
         watch = not compiling and not protect
         autocast_on = not compiling and _autocast_enabled(z.device.type)
+        # The working set: `work` is the state f and the steps see. Without compaction
+        # it is `st` itself; with it, the running rows (global indices `rows`) of st.
+        work, rows, w_args, w_budget = st, None, args, budget
+        # Hoisted out of the loop: at small sizes Python work per iteration shows up.
+        w_shape = shape
+        z_in = st.z if st.z.shape == shape else st.z.view(shape)
+        flat = z0.dim() == 2 and batched
         for k in range(max_iter):
             if watch:
-                version = st.z._version
-                fz = f(z_in)
-                if st.z._version != version:
+                version = work.z._version
+                fz = f(z_in, *w_args)
+                if work.z._version != version:
                     raise RuntimeError(
                         "f modified its input in place (e.g. z.mul_(...), z += ..., z[...] = ...); the "
                         "argument f receives is the solver's live state. Return a new tensor instead "
                         "(z * 0.5 + 1 rather than z.mul_(0.5).add_(1)). The solve was stopped; z0 is unchanged."
                     )
             else:
-                fz = f(z_in.clone() if protect else z_in)
+                fz = f(z_in.clone() if protect else z_in, *w_args)
             if autocast_on and isinstance(fz, torch.Tensor) and fz.dtype != z.dtype and fz.is_floating_point():
                 fz = fz.to(z.dtype)  # autocast: f ran in lower precision; the state keeps its dtype
-            check_f_output(fz, z_in, shape)
+            check_f_output(fz, z_in, w_shape)
             if not flat:
-                fz = fz.reshape(B, -1)
-            if not compiling and _shares_storage(fz, st.z):
+                fz = fz.reshape(work.z.shape)
+            if not compiling and _shares_storage(fz, work.z):
                 fz = fz.clone()  # f returned (a view of) its input: we update z in place
             if is_anderson:
-                anderson_step(st, fz, params, k % m)
+                anderson_step(work, fz, params, k % m)
             else:
-                picard_step(st, fz, params)
+                picard_step(work, fz, params)
             if k == 0:
-                st.abs0.copy_(st.abs_res)
+                work.abs0.copy_(work.abs_res)
+            if w_budget is not None:  # per-sample max_iter: out of budget -> MAX_ITER
+                work.status.masked_fill_((work.n_iter >= w_budget) & (work.status == _RUNNING), _MAX_ITER)
             if trace:
                 if k == tr_abs.shape[0]:
                     tr_abs, tr_rel = _grow(tr_abs, max_iter), _grow(tr_rel, max_iter)
-                tr_abs[k].copy_(st.abs_res)
-                tr_rel[k].copy_(st.rel_res)
+                if rows is None:
+                    tr_abs[k].copy_(work.abs_res)
+                    tr_rel[k].copy_(work.rel_res)
+                else:  # frozen samples keep their last residual, as without compaction
+                    tr_abs[k].copy_(tr_abs[k - 1]).index_copy_(0, rows, work.abs_res)
+                    tr_rel[k].copy_(tr_rel[k - 1]).index_copy_(0, rows, work.rel_res)
             done = k + 1
             if check_every is not None and (done % check_every == 0 or done == max_iter):
                 host_syncs += 1
-                # Codes are >= 0 and RUNNING is 0: one reduction answers "any running?".
-                if int(st.status.min()) != _RUNNING:
+                if not compact:
+                    # Codes are >= 0 and RUNNING is 0: one reduction answers "any running?".
+                    if int(work.status.min()) != _RUNNING:
+                        break
+                    continue
+                keep = (work.status == _RUNNING).nonzero().squeeze(1)  # the check's one sync
+                if keep.numel() == 0:
                     break
+                # Gathering costs a pass over the working state: worth it once a few
+                # rows (here 1/8 of the working set, at least one) have frozen.
+                if keep.numel() <= work.z.shape[0] - max(1, work.z.shape[0] // 8) and done < max_iter:
+                    if rows is not None:
+                        work.scatter_into(st, rows)
+                    rows = keep if rows is None else rows[keep]
+                    work = work.gather(keep)
+                    w_args = tuple(a[keep] if isinstance(a, torch.Tensor) else a for a in w_args)
+                    w_budget = None if w_budget is None else w_budget[keep]
+                    w_shape = (keep.numel(),) + tuple(shape[1:])
+                    z_in = work.z if work.z.shape == w_shape else work.z.view(w_shape)
         iterations = k + 1
+        if rows is not None:
+            work.scatter_into(st, rows)
         st.status.masked_fill_(st.status == _RUNNING, _MAX_ITER)
         if return_best:
             z_out, abs_out, rel_out = st.best_z, st.best_abs, st.best_rel
@@ -222,6 +282,33 @@ def solve(
     if throw:
         result.raise_on_failure()
     return result
+
+
+def _check_budget(max_iter: torch.Tensor, z0: torch.Tensor, batched: bool) -> Tuple[torch.Tensor, int]:
+    """A (B,) per-sample max_iter tensor: checked, on z0's device; and its maximum."""
+    B = z0.shape[0] if batched else 1
+    if max_iter.dtype.is_floating_point or max_iter.dtype == torch.bool or max_iter.is_complex():
+        raise TypeError(f"max_iter as a tensor must hold integers, got dtype {max_iter.dtype}")
+    if max_iter.shape != (B,):
+        raise ValueError(f"max_iter as a tensor must have shape ({B},) (one budget per sample), got {tuple(max_iter.shape)}")
+    lo, hi = int(max_iter.min()), int(max_iter.max())
+    if lo < 1:
+        raise ValueError(f"max_iter must be >= 1 for every sample, got a budget of {lo}")
+    return max_iter.to(device=z0.device, dtype=torch.int32), hi
+
+
+def _check_args(args: Any, z0: torch.Tensor, batched: bool) -> Tuple[Any, ...]:
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple of f's extra arguments, got {type(args).__name__}")
+    args = tuple(args)
+    if batched:
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] != z0.shape[0]):
+                raise ValueError(
+                    f"args[{i}] must have the batch on dim 0 ({z0.shape[0]} rows, like z0), got shape "
+                    f"{tuple(a.shape)}; close over tensors that are not batched instead of passing them in args"
+                )
+    return args
 
 
 def _grow(trace: torch.Tensor, max_iter: int) -> torch.Tensor:

@@ -119,3 +119,27 @@ class LoopState:
             st.G, st.F = hist[0], hist[1]
             st.H = torch.diag_embed(torch.full((B, m), cls.UNSET_DIAG, dtype=cdt, device=dev)).contiguous()
         return st
+
+    # The fields a solve reports (what active sets scatter back); the rest is working
+    # memory (history, divergence reference) that frozen samples no longer need.
+    RESULT_FIELDS = ("z", "status", "n_iter", "abs_res", "rel_res", "best_z", "best_abs", "best_rel")
+
+    def gather(self, idx: torch.Tensor) -> "LoopState":
+        """The rows ``idx`` of this state as a new state of the same layout (empty cache).
+
+        Active sets (``solve(..., compact=True)``): the running samples are gathered at
+        a check, and the loop then steps only them.
+        """
+        m = None if self.F is None else self.F.shape[1]
+        out = LoopState.create(self.z.index_select(0, idx), m=m, return_best=self.best_z is not None)
+        for name, t in self.tensors().items():
+            if t is not None and name != "z":
+                torch.index_select(t, 0, idx, out=getattr(out, name))
+        return out
+
+    def scatter_into(self, full: "LoopState", rows: torch.Tensor) -> None:
+        """Write this (gathered) state's reported fields back into ``full`` at ``rows``."""
+        for name in self.RESULT_FIELDS:
+            t = getattr(self, name)
+            if t is not None:
+                getattr(full, name).index_copy_(0, rows, t)

@@ -1,0 +1,76 @@
+"""Active sets (issue 18): a batch whose samples need very different iteration counts.
+
+f(z; s, x) = tanh(s * (z W) + x), W symmetric with ||W||_2 = 0.995, per-sample scale s
+from 0.2 to 1.0, x ~ 0.1 N(0, 1), (B, D) = (64, 1024), tol 1e-6 (rel), cpp backend,
+check_every 5. Picard needs 8..182 iterations per sample and Anderson (m=5) 7..63, so
+on the whole batch most f work goes to samples that are already done. Each row is a
+full solve to tol; "f-rows" counts the rows f was evaluated on. torchdeq's solvers on
+the same batch (they stop when the whole batch meets tol) are shown beside them.
+
+Run: ``pytest bench/test_bench_active_sets.py --benchmark-only``.
+"""
+import pytest
+import torch
+
+import imp_fast
+from imp_fast.backends import backend_status
+
+B, D, TOL, MAX_ITER = 64, 1024, 1e-6, 3000
+BACKEND = "cpp" if backend_status()["cpp"] is None else "reference"
+
+try:
+    from torchdeq.solver import anderson_solver as tdeq_anderson
+    from torchdeq.solver import fixed_point_iter as tdeq_fpi
+except Exception:  # torchdeq is an optional baseline
+    tdeq_anderson = tdeq_fpi = None
+
+
+def heterogeneous_batch():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(D, D, generator=g)
+    W = A + A.T
+    W = 0.995 * W / torch.linalg.matrix_norm(W, 2)
+    s = torch.linspace(0.2, 1.0, B)
+    x = 0.1 * torch.randn(B, D, generator=g)
+    rows = [0]
+
+    def f(z, s, x):
+        rows[0] += z.shape[0]
+        return torch.tanh(s[:, None] * (z @ W) + x)
+
+    return f, (s, x), rows
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+@pytest.mark.parametrize("compact", [False, True], ids=["whole-batch", "compact"])
+def test_active_sets(benchmark, record_active, method, compact):
+    f, args, rows = heterogeneous_batch()
+    z0 = torch.zeros(B, D)
+
+    def run():
+        rows[0] = 0
+        return imp_fast.solve(f, z0, args=args, method=method, tol=TOL, max_iter=MAX_ITER, m=5,
+                              compact=compact, backend=BACKEND)
+
+    r = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    assert r.ok
+    n = r.n_iter
+    record_active(solver=f"imp_fast {method} [{BACKEND}]", method=method, compact=compact,
+                  ms=1e3 * benchmark.stats.stats.min, f_rows=rows[0], iterations=r.iterations,
+                  n_min=int(n.min()), n_max=int(n.max()), work_ratio=float(n.sum()) / (B * int(n.max())))
+
+
+@pytest.mark.skipif(tdeq_anderson is None, reason="torchdeq not installed")
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_torchdeq_same_batch(benchmark, record_active, method):
+    f, args, rows = heterogeneous_batch()
+    fn = tdeq_anderson if method == "anderson" else tdeq_fpi
+
+    def run():
+        rows[0] = 0
+        return fn(lambda z: f(z, *args), torch.zeros(B, D), max_iter=MAX_ITER, tol=TOL, stop_mode="rel", m=5)
+
+    _, _, info = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    record_active(solver=f"torchdeq {'anderson_solver' if method == 'anderson' else 'fixed_point_iter'}",
+                  method=method, compact=None, ms=1e3 * benchmark.stats.stats.min, f_rows=rows[0],
+                  iterations=rows[0] // B, n_min=None, n_max=None, work_ratio=None)
