@@ -168,8 +168,46 @@ def solve(
     if compact and not batched:
         raise ValueError("compact=True needs batched=True (with batched=False there is one problem)")
     impl = get_backend(backend, z0.device)
-
     params = StepParams(tol=tol, beta=beta, stop_rel=(stop == "rel"), divergence=divergence, eps=eps, lam=lam)
+    result = run_loop(
+        f, z0, impl=impl, params=params, method=method, m=m, max_iter=max_iter, check_every=check_every,
+        return_best=return_best, trace=trace, batched=batched, args=args, compact=compact, budget=budget,
+        stop=stop,
+    )
+    if throw:
+        result.raise_on_failure()
+    return result
+
+
+def run_loop(
+    f: Callable[..., torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    impl,
+    params: StepParams,
+    method: str,
+    m: int,
+    max_iter: int,
+    check_every: Optional[int],
+    return_best: bool = False,
+    trace: bool = False,
+    batched: bool = True,
+    args: Tuple[Any, ...] = (),
+    compact: bool = False,
+    budget: Optional[torch.Tensor] = None,
+    stop: str = "rel",
+    on_step: Optional[Callable[[int, LoopState], None]] = None,
+) -> SolveResult:
+    """The loop behind :func:`solve`, on already-checked arguments (internal API).
+
+    Shared with the Lipschitz probes (:mod:`imp_fast.probes`), which run it with
+    ``tol=0`` and ``divergence=inf`` (no sample freezes unless it turns non-finite) and
+    read the state after every step through ``on_step(k, state)`` (k = 0-based
+    iteration; ``state.z`` holds the iterate after the step, ``state.abs_res`` the
+    residual of the iterate before it). ``on_step`` is not supported with compaction.
+    """
+    if on_step is not None and compact:
+        raise ValueError("run_loop: on_step does not support compact=True")
     shape = z0.shape
     # batched=False: the whole tensor is one "sample" of the engine.
     B = shape[0] if batched else 1
@@ -223,6 +261,8 @@ def solve(
                 picard_step(work, fz, params)
             if k == 0:
                 work.abs0.copy_(work.abs_res)
+            if on_step is not None:
+                on_step(k, work)
             if w_budget is not None:  # per-sample max_iter: out of budget -> MAX_ITER
                 work.status.masked_fill_((work.n_iter >= w_budget) & (work.status == _RUNNING), _MAX_ITER)
             if trace:
@@ -276,11 +316,9 @@ def solve(
         iterations=iterations,
         method=method,
         backend=impl.name,
-        tol=tol,
+        tol=params.tol,
         stop=stop,
     )
-    if throw:
-        result.raise_on_failure()
     return result
 
 
