@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
+import os
 import platform
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -19,6 +23,90 @@ REPRODUCERS = {
     "lp": "imp_fast.models.lp",
     "looped-transformer": "imp_fast.models.looped_transformer",
 }
+
+
+# ----------------------------------------------------------------------------------------
+# argument types: argparse turns their ArgumentTypeError into "argument --name: ..." (exit 2)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
+    return v
+
+
+SEED_LIMIT = 2 ** 32
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**32) (numpy and torch both accept it)."""
+    v = _int(text)
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a folder that exists and is writable, or can be made (the nearest
+    existing parent is a writable folder). The run checks again by writing a file."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty string")
+    p = Path(text)
+    if p.exists():
+        if not p.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"folder {text!r} is not writable")
+        return text
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot make folder {text!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot make folder {text!r}: {str(parent)!r} is not writable")
+    return text
+
+
+def device_name(text: str) -> str:
+    """argparse type: a torch device that exists here (cpu, cuda, cuda:N)."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device here")
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees {n} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
+# ----------------------------------------------------------------------------------------
+# commands
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -61,7 +149,30 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    return args.runner(args)
+    """Run one case study; under torchrun, join the process group for it (rank 0 prints)."""
+    from .models import distributed
+    from .models.common import ReproduceError
+
+    prog = f"imp-fast reproduce {args.case}"
+    try:
+        made = distributed.init_from_env()
+    except (RuntimeError, ValueError) as exc:
+        print(f"{prog}: error: cannot join the torch.distributed process group: {exc}", file=sys.stderr)
+        return 1
+    quiet = None if distributed.is_rank0() else open(os.devnull, "w")  # rank 0 alone prints
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            return int(args.runner(args) or 0)
+    except ReproduceError as exc:
+        if distributed.is_rank0() or not (getattr(exc, "from_rank0", False) or exc.all_ranks):
+            where = f"[rank {distributed.rank()}] " if not distributed.is_rank0() else ""
+            print(f"{prog}: error: {where}{exc}", file=sys.stderr)
+        return 1
+    finally:
+        if quiet:
+            quiet.close()
+        if made:
+            distributed.cleanup()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends").set_defaults(func=_info)
     d = sub.add_parser("demo", help="solve the built-in DEQ problem with every backend and compare timings")
-    d.add_argument("--batch", type=int, default=8)
-    d.add_argument("--dim", type=int, default=256)
-    d.add_argument("--max-iter", type=int, default=500)
-    d.add_argument("--tol", type=float, default=1e-5)
-    d.add_argument("--repeats", type=int, default=3)
-    d.add_argument("--threads", type=int, default=1)
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--batch", type=positive_int, default=8, help="samples, >= 1 (default %(default)s)")
+    d.add_argument("--dim", type=positive_int, default=256, help="state size per sample, >= 1 (default %(default)s)")
+    d.add_argument("--max-iter", type=positive_int, default=500, help="iteration cap, >= 1 (default %(default)s)")
+    d.add_argument("--tol", type=positive_float, default=1e-5, help="relative residual, > 0 (default %(default)s)")
+    d.add_argument("--repeats", type=positive_int, default=3, help="timed repeats, >= 1 (default %(default)s)")
+    d.add_argument("--threads", type=positive_int, default=1, help="torch threads, >= 1 (default %(default)s)")
+    d.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-torchdeq", action="store_true", help="skip the torchdeq baseline rows")
     d.set_defaults(func=_demo)
     r = sub.add_parser("reproduce", help="train and evaluate one of the paper's case studies")

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from . import common
+from . import common, distributed
 
 N_CELLS = 16
 P_WALL, P_SOURCE = 0.2, 0.08
@@ -164,7 +164,16 @@ class LoopedTransformer(nn.Module):
 
 def train(model: LoopedTransformer, *, steps: int, batch: int = 64, lr: float = 1e-3, t_range=(8, 33),
           grad_loops: int = 6, seed: int = 0, log=print) -> List[float]:
+    """AdamW, T ~ U[t_range), gradient through the last ``grad_loops`` loops; fresh rows each step.
+
+    Under torch.distributed every rank draws the same rows and T and trains on its shard of
+    the rows (DDP averages the gradients): the single-process recipe. Returns the per-step
+    losses (of the whole batch)."""
     g = torch.Generator().manual_seed(seed)
+    common.check_world_size(batch)
+    net = distributed.wrap(model)
+    part = distributed.shard(batch)
+    weight = distributed.shard_weight(part.stop - part.start, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     lossf = nn.BCEWithLogitsLoss()
     losses = []
@@ -173,12 +182,16 @@ def train(model: LoopedTransformer, *, steps: int, batch: int = 64, lr: float = 
         tok = sample_tokens(batch, g)
         lab = reachability_labels(tok).float()
         T = int(torch.randint(t_range[0], t_range[1], (1,), generator=g))
-        loss = lossf(model(tok, T, grad_loops), lab)
+        if distributed.is_distributed():
+            tok, lab = tok[part], lab[part]
+        loss = lossf(net(tok, T, grad_loops), lab)
+        if distributed.is_distributed():
+            loss = loss * weight
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(distributed.average(loss.detach()))
         if log and (s % max(1, steps // 10) == 0 or s == steps - 1):
             log(f"  step {s + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} ({time.time() - t0:.0f} s)")
     return losses
@@ -194,10 +207,23 @@ def flip_one(tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def probe(model: LoopedTransformer, n: int, seed: int, ts=TS):
+    """Token/sequence accuracy and separation per t on ``n`` fresh rows (deterministic in seed).
+
+    Under torch.distributed every rank draws the same rows and flips, probes its shard of
+    them, and the shards' means are combined weighted by their sizes."""
     g = torch.Generator().manual_seed(seed)
     tok = sample_tokens(n, g)
-    lab = reachability_labels(tok)
     tok2 = flip_one(tok, g)
+    part = distributed.shard(n) if distributed.is_distributed() else slice(0, n)
+    k = part.stop - part.start
+    stats = _probe_rows(model, tok[part], tok2[part], ts) if k > 0 else None
+    how = {"token_accuracy": "mean", "sequence_accuracy": "mean", "separation": "mean",
+           "target_separation": "mean"}
+    return dict(t=list(ts), **distributed.reduce_shards(k, stats, how))
+
+
+def _probe_rows(model: LoopedTransformer, tok: torch.Tensor, tok2: torch.Tensor, ts) -> Dict[str, object]:
+    lab = reachability_labels(tok)
     model.eval()
     a, b = model.logits_per_t(tok, ts), model.logits_per_t(tok2, ts)
     tok_acc, seq_acc, sep = [], [], []
@@ -207,8 +233,7 @@ def probe(model: LoopedTransformer, n: int, seed: int, ts=TS):
         seq_acc.append(float((pa == lab).all(1).float().mean()))
         sep.append(float((pa != pb).sum(1).float().mean()))
     true_sep = float((reachability_labels(tok2) != lab).sum(1).float().mean())
-    return dict(t=list(ts), token_accuracy=tok_acc, sequence_accuracy=seq_acc, separation=sep,
-                target_separation=true_sep)
+    return dict(token_accuracy=tok_acc, sequence_accuracy=seq_acc, separation=sep, target_separation=true_sep)
 
 
 def plot(path: Path, res, title: str) -> None:
@@ -247,8 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.setup(args.seed, args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.prepare_out(args.out)
     quick = bool(args.quick)
     steps = args.steps if args.steps is not None else (30 if quick else 3000)
     t_start = time.time()
@@ -274,10 +298,13 @@ def run(args: argparse.Namespace) -> int:
     print("|---:|---:|---:|---:|")
     for i, t in enumerate(res["t"]):
         print(f"| {t} | {res['token_accuracy'][i]:.3f} | {res['sequence_accuracy'][i]:.3f} | {res['separation'][i]:.2f} |")
+    if not distributed.is_rank0():
+        return 0
     png = out / "looped_transformer_scaling.png"
     plot(png, res, "Looped transformer: accuracy and separation vs loops")
     results = {"case": "looped-transformer", "quick": quick, "seed": args.seed, "params": n_par, "steps": steps,
-               "train_loss": losses, **info, **res, "png": str(png), "wall_s": round(time.time() - t_start, 1)}
+               "train_loss": losses, **info, **res, "png": str(png), "world_size": distributed.world_size(),
+               "wall_s": round(time.time() - t_start, 1)}
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {out / 'results.json'} and {png} ({results['wall_s']} s)")

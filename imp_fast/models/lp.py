@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import common
+from ..cli import positive_float, positive_int
+from . import common, distributed
 
 M_CONS = 10
 N_VARS = 50
@@ -122,20 +123,28 @@ def make_dataset(n_samples: int, seed: int) -> Dict[str, torch.Tensor]:
 
 
 def load_or_make_data(out_dir: Path, n_train: int, n_test: int, seed: int, log=print):
-    """Cached (train, test) in out_dir/lp_data.pt; regenerated when sizes or seed differ."""
+    """Cached (train, test) in out_dir/lp_data.pt (a weights-only file); regenerated when
+    sizes or seed differ or the file is unreadable. Distributed: rank 0 loads or makes it,
+    every rank gets it."""
     path = Path(out_dir) / "lp_data.pt"
     key = dict(n_train=n_train, n_test=n_test, seed=seed)
-    if path.exists():
-        blob = torch.load(path)
-        if blob.get("key") == key:
-            log(f"loaded cached LPs from {path}")
-            return blob["train"], blob["test"]
-    t0 = time.time()
-    train = make_dataset(n_train, seed)
-    test = make_dataset(n_test, seed + 10_000)
-    torch.save({"key": key, "train": train, "test": test}, path)
-    log(f"generated {n_train} train / {n_test} test feasible LPs with linprog labels in {time.time() - t0:.1f} s -> {path}")
-    return train, test
+
+    def make():
+        t0 = time.time()
+        train = make_dataset(n_train, seed)
+        test = make_dataset(n_test, seed + 10_000)
+        log(f"generated {n_train} train / {n_test} test feasible LPs with linprog labels in {time.time() - t0:.1f} s"
+            f" -> {path}")
+        return {"train": train, "test": test}
+
+    def check(blob):
+        def ok(d, n):
+            return (isinstance(d, dict) and set(d) == {"rows", "cols", "vals", "eq", "b", "c", "l", "u", "y"}
+                    and all(isinstance(v, torch.Tensor) and v.shape[0] == n for v in d.values()))
+        return ok(blob.get("train"), n_train) and ok(blob.get("test"), n_test)
+
+    blob = common.load_or_make_cache(path, key, make, check, what="cached LPs")
+    return blob["train"], blob["test"]
 
 
 def subset(data: Dict[str, torch.Tensor], idx) -> Dict[str, torch.Tensor]:
@@ -305,15 +314,46 @@ def lp_error(y_pred_scaled: torch.Tensor, y_true: torch.Tensor) -> float:
 # training
 
 
+class _BatchLoss(nn.Module):
+    """One minibatch's training loss as a module forward (what DDP wraps): implicit, T
+    iterations from y_0 = 0, the last ``grad_steps`` with a graph and a loss on each;
+    explicit, one pass."""
+
+    def __init__(self, model: LPGNN, grad_steps: int):
+        super().__init__()
+        self.model, self.grad_steps = model, grad_steps
+
+    def forward(self, x, yt, rows, cols, T: int):
+        model = self.model
+        if not model.implicit:
+            return ((model(x, rows, cols) - yt) ** 2).sum(1).mean()
+        y = torch.zeros_like(yt)
+        with torch.no_grad():
+            for _ in range(T - self.grad_steps):
+                y = model.G(y, x, rows, cols)
+        loss = 0.0
+        for _ in range(self.grad_steps):
+            y = model.G(y, x, rows, cols)
+            loss = loss + ((y - yt) ** 2).sum(1).mean()
+        return loss / self.grad_steps
+
+
 def train_model(model: LPGNN, train, *, epochs: int, batch: int = 50, lr: float = 1e-2, t_range=(6, 13),
                 grad_steps: int = 4, seed: int = 0, log=print, tag: str = "") -> List[float]:
     """AdamW with cosine decay; implicit: T ~ U[t_range), gradient through the last grad_steps
-    iterations, loss on each of those iterates (explicit: one pass). Returns the per-epoch mean losses."""
+    iterations, loss on each of those iterates (explicit: one pass). Returns the per-epoch mean losses.
+
+    Under torch.distributed every rank draws the same permutation and T and trains on its
+    shard of each minibatch (DDP averages the gradients): the single-process recipe."""
     g = torch.Generator().manual_seed(seed)
     x_all = flat_features(train)
     y_all = (train["y"] * Y_SCALE).float()
     N = x_all.shape[0]
     steps = epochs * max(1, N // batch)
+    common.check_world_size(batch)
+    step = distributed.wrap(_BatchLoss(model, grad_steps))
+    part = distributed.shard(batch)
+    weight = distributed.shard_weight(part.stop - part.start, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     losses = []
@@ -323,26 +363,18 @@ def train_model(model: LPGNN, train, *, epochs: int, batch: int = 50, lr: float 
         tot, nb = 0.0, 0
         for i in range(0, N - batch + 1, batch):
             idx = perm[i:i + batch]
-            x, yt, rows, cols = x_all[idx], y_all[idx], train["rows"][idx], train["cols"][idx]
-            if model.implicit:
-                T = int(torch.randint(t_range[0], t_range[1], (1,), generator=g))
-                y = torch.zeros_like(yt)
-                with torch.no_grad():
-                    for _ in range(T - grad_steps):
-                        y = model.G(y, x, rows, cols)
-                loss = 0.0
-                for _ in range(grad_steps):
-                    y = model.G(y, x, rows, cols)
-                    loss = loss + ((y - yt) ** 2).sum(1).mean()
-                loss = loss / grad_steps
-            else:
-                loss = ((model(x, rows, cols) - yt) ** 2).sum(1).mean()
+            T = int(torch.randint(t_range[0], t_range[1], (1,), generator=g)) if model.implicit else 0
+            if distributed.is_distributed():
+                idx = idx[part]
+            loss = step(x_all[idx], y_all[idx], train["rows"][idx], train["cols"][idx], T)
+            if distributed.is_distributed():
+                loss = loss * weight
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            tot += float(loss.detach())
+            tot += distributed.average(loss.detach())
             nb += 1
         losses.append(tot / max(nb, 1))
         if log and (ep % max(1, epochs // 5) == 0 or ep == epochs - 1):
@@ -351,10 +383,18 @@ def train_model(model: LPGNN, train, *, epochs: int, batch: int = 50, lr: float 
 
 
 def evaluate_error(model: LPGNN, data, T: int = 8) -> float:
+    """Mean test error after T iterations (under torch.distributed: each rank its shard, combined)."""
     model.eval()
-    with torch.no_grad():
-        y = model(flat_features(data), data["rows"], data["cols"], T)
-    return lp_error(y, data["y"])
+    n = data["y"].shape[0]
+    part = distributed.shard(n) if distributed.is_distributed() else slice(0, n)
+    k = part.stop - part.start
+    err = None
+    if k > 0:
+        local = subset(data, part) if distributed.is_distributed() else data
+        with torch.no_grad():
+            y = model(flat_features(local), local["rows"], local["cols"], T)
+        err = lp_error(y, local["y"])
+    return distributed.reduce_shards(k, None if err is None else {"error": err}, {"error": "mean"})["error"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -362,7 +402,23 @@ def evaluate_error(model: LPGNN, data, T: int = 8) -> float:
 
 
 def scaling_probe(model: LPGNN, data, t_max: int = 12, n_dirs: int = 4, eps: float = 0.1, seed: int = 0):
-    """Error and L_t per perturbed feature group for t = 0..t_max (t = 0: y_0 = 0, L_0 = 0)."""
+    """Error and L_t per perturbed feature group for t = 0..t_max (t = 0: y_0 = 0, L_0 = 0).
+
+    Under torch.distributed each rank probes its shard of the LPs (same directions on
+    every rank); errors are combined as sample-weighted means, L_t as maxima."""
+    if not distributed.is_distributed():
+        return _scaling_probe(model, data, t_max, n_dirs, eps, seed)
+    part = distributed.shard(data["y"].shape[0])
+    k = part.stop - part.start
+    stats = None
+    if k > 0:
+        ts, errors, L = _scaling_probe(model, subset(data, part), t_max, n_dirs, eps, seed)
+        stats = {"t": ts, "error": errors, "L": L}
+    got = distributed.reduce_shards(k, stats, {"t": "first", "error": "mean", "L": "max"})
+    return got["t"], got["error"], got["L"]
+
+
+def _scaling_probe(model: LPGNN, data, t_max: int, n_dirs: int, eps: float, seed: int):
     from imp_fast import lipschitz_trace
 
     model.eval()
@@ -418,9 +474,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_common_arguments(parser, "lp", steps=False)
     parser.add_argument("--table", action="store_true",
                         help="also train implicit and explicit GNNs at embeddings 4, 8, 16, 32 (Table 1)")
-    parser.add_argument("--embedding", type=int, default=16, help="embedding size of the scaling-curve model")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 40, quick 2)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (one-cycle AdamW)")
+    parser.add_argument("--embedding", type=positive_int, default=16,
+                        help="embedding size of the scaling-curve model, >= 1 (default %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs, >= 1 (default 40, quick 2)")
+    parser.add_argument("--lr", type=positive_float, default=1e-2,
+                        help="peak learning rate (one-cycle AdamW), > 0 (default %(default)s)")
 
 
 def _fmt_row(vals, fmt="{:.3f}"):
@@ -429,8 +487,7 @@ def _fmt_row(vals, fmt="{:.3f}"):
 
 def run(args: argparse.Namespace) -> int:
     common.setup(args.seed, args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.prepare_out(args.out)
     quick = bool(args.quick)
     n_train, n_test = (60, 16) if quick else (1000, 200)
     epochs = args.epochs if args.epochs is not None else (2 if quick else 40)
@@ -500,9 +557,12 @@ def run(args: argparse.Namespace) -> int:
         results["paper_table"] = PAPER_TABLE
 
     png = out / "lp_scaling.png"
-    plot(png, ts, errors, L, f"LP, implicit GNN (embedding {d}): error and L_t vs iterations")
     results["png"] = str(png)
+    results["world_size"] = distributed.world_size()
     results["wall_s"] = round(time.time() - t_start, 1)
+    if not distributed.is_rank0():
+        return 0
+    plot(png, ts, errors, L, f"LP, implicit GNN (embedding {d}): error and L_t vs iterations")
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {out / 'results.json'} and {png} ({results['wall_s']} s)")

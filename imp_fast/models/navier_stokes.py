@@ -119,16 +119,21 @@ def make_data(n: int, *, seed: int = 0, steps: int = 1500, chunk: int = 128) -> 
 
 
 def cached_data(path: Path, n: int, seed: int, steps: int):
+    """(x, y) of :func:`make_data`, cached at ``path`` (weights-only file; an unreadable or
+    foreign cache is regenerated). Distributed: rank 0 loads or makes it, every rank gets it."""
     meta = {"n": n, "seed": seed, "steps": steps, "nu": NU, "alpha": ALPHA, "dt": DT, "size": SIZE}
-    if path.exists():
-        d = torch.load(path, weights_only=False)
-        if d.get("meta") == meta:
-            print(f"loaded cached data {path}")
-            return d["x"], d["y"]
-    x, y = make_data(n, seed=seed, steps=steps)
-    torch.save({"meta": meta, "x": x, "y": y}, path)
-    print(f"generated {n} samples ({steps} solver steps) -> {path}")
-    return x, y
+
+    def make():
+        x, y = make_data(n, seed=seed, steps=steps)
+        print(f"generated {n} samples ({steps} solver steps) -> {path}")
+        return {"x": x, "y": y}
+
+    def check(blob):
+        return all(isinstance(blob.get(k), torch.Tensor) and tuple(blob[k].shape) == (n, 1, SIZE, SIZE)
+                   for k in ("x", "y"))
+
+    blob = common.load_or_make_cache(path, meta, make, check, what="cached data", key_name="meta")
+    return blob["x"], blob["y"]
 
 
 # ----------------------------------------------------------------------------------------
