@@ -5,9 +5,10 @@ contraction and the fixed point is unique), a fixed seed, and a batch of inputs 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,55 +59,115 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
+def _counted(run: Callable[[Callable], object], f: Callable) -> Tuple[object, int]:
+    """run(f') with f' counting its calls: (result, f evaluations)."""
+    n = [0]
+
+    def g(z):
+        n[0] += 1
+        return f(z)
+
+    return run(g), n[0]
+
+
+def _num(x: float) -> str:
+    """1e-4 as '1e-4', other numbers as %g."""
+    if x > 0 and math.log10(x).is_integer():
+        return f"1e{int(math.log10(x))}"
+    return f"{x:g}"
+
+
+def _lam_text(lam: float, relative: bool) -> str:
+    if relative:
+        return f"lam={_num(lam)} relative (ridge lam*||g_k||^2)"
+    return f"lam={_num(lam)} absolute (ridge lam)" + (", torchdeq's default" if lam == 1e-4 else "")
+
+
 def run_demo(batch: int = 8, dim: int = 256, *, max_iter: int = 500, tol: float = 1e-5,
-             repeats: int = 3, device: str = "cpu", include_torchdeq: bool = True) -> List[Dict]:
+             repeats: int = 3, device: str = "cpu", include_torchdeq: bool = True, m: int = 5,
+             lam: float = 1e-4, torchdeq_lams: Sequence[float] = (1e-4, 1e-8),
+             check_every: int = 5, backends: Optional[Sequence[str]] = None) -> List[Dict]:
     """Solve the built-in stiff problem (symmetric W, rho 0.97) with every available
-    backend and method, and torchdeq's solvers when installed; one row each."""
+    backend and method, and torchdeq's solvers when installed; one row each.
+
+    Every row uses the same tol and stop mode (relative residual) and every Anderson
+    row the same history size ``m``. ``lam`` means different things: imp_fast's ridge
+    is relative (``lam * ||g_k||^2``, g_k the newest residual), torchdeq's absolute
+    (``lam`` added to ``G G^T``), and no single number converts one into the other. So
+    torchdeq's Anderson runs once per value in ``torchdeq_lams`` (its default 1e-4, and
+    1e-8, small enough not to slow it down on this problem), and so does the drop-in
+    :func:`imp_fast.compat.torchdeq.anderson_solver`, which follows torchdeq's meaning.
+    Each row states its settings (``settings``), its f evaluations (``f_evals``: calls
+    of f on the batch) and the evaluation at which its last sample met tol
+    (``evals_to_tol``, None if one did not); ``speedup`` compares total time with the
+    torchdeq row named in ``baseline`` (same method; imp_fast Anderson rows against
+    torchdeq at the smallest lam, drop-in rows against torchdeq at the same lam).
+    ``backends`` restricts the imp_fast rows to those backends (default: every one
+    available here).
+    """
     prob = make_problem(batch, dim, rho=0.97, symmetric=True, x_scale=0.5, device=device)
     rows: List[Dict] = []
-    backends = [b for b, why in backend_status().items() if why is None]
-    if device == "cpu" and "triton" in backends and not _interpreting():
-        backends.remove("triton")
+    common = f"tol={_num(tol)} rel"
+    available = [b for b, why in backend_status().items() if why is None]
+    if device == "cpu" and "triton" in available and not _interpreting():
+        available.remove("triton")
+    if backends is not None:
+        unknown = [b for b in backends if b not in available]
+        if unknown:
+            raise ValueError(f"backends {unknown} not available here (available: {available})")
+    backends = available if backends is None else list(backends)
+    torchdeq_lams = tuple(torchdeq_lams)
+    td_anderson = f"torchdeq anderson, lam={_num(min(torchdeq_lams))}" if torchdeq_lams else None
     for method in ("picard", "anderson"):
         for be in backends:
-            holder = {}
+            def run(fn, be=be, method=method):
+                return solve(fn, prob.z0(), method=method, max_iter=max_iter, tol=tol, stop="rel", m=m, lam=lam,
+                             check_every=check_every, backend=be)
 
-            def run(be=be, method=method):
-                holder["r"] = solve(prob.f, prob.z0(), method=method, max_iter=max_iter, tol=tol, stop="rel", backend=be)
-
-            secs = _time(run, repeats)
-            r = holder["r"]
-            rows.append(dict(solver=f"imp_fast {method}", backend=be, iters=r.iterations,
+            r, n_evals = _counted(run, prob.f)
+            secs = _time(lambda: run(prob.f), repeats)
+            done = bool(r.converged.all())
+            settings = f"{common}, host check every {check_every} evals"
+            if method == "anderson":
+                settings = f"m={m}, {_lam_text(lam, True)}, " + settings
+            rows.append(dict(solver=f"imp_fast {method}", backend=be, settings=settings, f_evals=n_evals,
+                             evals_to_tol=int(r.n_iter.max()) + 1 if done else None,
                              converged=int(r.converged.sum()), residual=float(r.rel_residual.max()),
-                             ms_per_iter=1e3 * secs / r.iterations, total_ms=1e3 * secs))
+                             ms_per_iter=1e3 * secs / n_evals, total_ms=1e3 * secs,
+                             baseline="torchdeq fixed_point_iter" if method == "picard" else td_anderson))
     if include_torchdeq:
+        from .compat import torchdeq as drop_in
+
         try:
             from torchdeq.solver import anderson_solver, fixed_point_iter
         except Exception:
             anderson_solver = fixed_point_iter = None
-        for name, fn in (("torchdeq fixed_point_iter", fixed_point_iter), ("torchdeq anderson", anderson_solver)):
-            if fn is None:
-                continue
-            holder = {}
+        runs = []
+        if fixed_point_iter is not None:
+            runs.append(("torchdeq fixed_point_iter", "torchdeq", fixed_point_iter, {}, common,
+                         "torchdeq fixed_point_iter"))
+        for td_lam in torchdeq_lams:
+            label = f"torchdeq anderson, lam={_num(td_lam)}"
+            settings = f"m={m}, {_lam_text(td_lam, False)}, {common}"
+            if anderson_solver is not None:
+                runs.append((label, "torchdeq", anderson_solver, dict(m=m, lam=td_lam), settings, label))
+            runs.append((f"imp_fast compat anderson_solver, lam={_num(td_lam)}", "compat", drop_in.anderson_solver,
+                         dict(m=m, lam=td_lam), settings, label if anderson_solver is not None else None))
+        for name, backend, fn, kw, settings, baseline in runs:
+            def run(f, fn=fn, kw=kw):
+                return fn(f, prob.z0(), max_iter=max_iter, tol=tol, stop_mode="rel", **kw)
 
-            def run(fn=fn):
-                holder["r"] = fn(prob.f, prob.z0(), max_iter=max_iter, tol=tol, stop_mode="rel")
-
-            secs = _time(run, repeats)
-            z, _, info = holder["r"]
-            iters = int(info["nstep"].max())
-            rows.append(dict(solver=name, backend="torchdeq", iters=iters,
-                             converged=int((info["rel_lowest"] < tol).sum()),
-                             residual=float(info["rel_lowest"].max()),
-                             ms_per_iter=1e3 * secs / max(iters, 1), total_ms=1e3 * secs))
-    base = {}
+            (z, _, info), n_evals = _counted(run, prob.f)
+            secs = _time(lambda: run(prob.f), repeats)
+            conv = info["rel_lowest"] < tol
+            rows.append(dict(solver=name, backend=backend, settings=settings + ", host check every eval",
+                             f_evals=n_evals, evals_to_tol=int(info["nstep"].max()) if bool(conv.all()) else None,
+                             converged=int(conv.sum()), residual=float(info["rel_lowest"].max()),
+                             ms_per_iter=1e3 * secs / max(n_evals, 1), total_ms=1e3 * secs, baseline=baseline))
+    total = {r["solver"]: r["total_ms"] for r in rows if r["backend"] == "torchdeq"}
     for row in rows:
-        kind = "anderson" if "anderson" in row["solver"] else "picard"
-        if row["backend"] == "torchdeq":
-            base[kind] = row["total_ms"]
-    for row in rows:
-        kind = "anderson" if "anderson" in row["solver"] else "picard"
-        row["speedup"] = base[kind] / row["total_ms"] if kind in base else float("nan")
+        base = total.get(row["baseline"])
+        row["speedup"] = base / row["total_ms"] if base is not None else float("nan")
     return rows
 
 
@@ -117,13 +178,29 @@ def _interpreting() -> bool:
 
 
 def format_table(rows: List[Dict], batch: Optional[int] = None, dim: Optional[int] = None) -> str:
-    """Markdown table of demo rows."""
-    head = "| solver | backend | iters | converged | max rel residual | ms/iter | total ms | speedup vs torchdeq |"
-    lines = [head, "|" + "---|" * 8]
+    """Markdown table of demo rows, then the settings of each row and what its speedup
+    is measured against."""
+    head = ("| solver | backend | f evals | evals to tol | converged | max rel residual | ms/iter | total ms "
+            "| speedup vs torchdeq |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         sp = "" if r["speedup"] != r["speedup"] else f"{r['speedup']:.2f}x"
+        to_tol = "-" if r["evals_to_tol"] is None else str(r["evals_to_tol"])
         lines.append(
-            f"| {r['solver']} | {r['backend']} | {r['iters']} | {r['converged']} | {r['residual']:.2e} | "
+            f"| {r['solver']} | {r['backend']} | {r['f_evals']} | {to_tol} | {r['converged']} | {r['residual']:.2e} | "
             f"{r['ms_per_iter']:.3f} | {r['total_ms']:.2f} | {sp} |"
         )
+    lines.append("")
+    lines.append("Settings (every row: same problem, same tol and stop mode):")
+    seen = set()
+    for r in rows:
+        key = (r["solver"], r["settings"])
+        if key in seen:
+            continue
+        seen.add(key)
+        vs = f"; speedup vs '{r['baseline']}'" if r["speedup"] == r["speedup"] and r["baseline"] != r["solver"] else ""
+        lines.append(f"- {r['solver']}: {r['settings']}{vs}")
+    lines.append("imp_fast's lam is relative to the newest residual's squared norm, torchdeq's (and the compat "
+                 "drop-in's) is an absolute ridge: no single value converts one into the other, so torchdeq runs "
+                 "at its default lam and at a small one.")
     return "\n".join(lines)

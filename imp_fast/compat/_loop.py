@@ -1,0 +1,272 @@
+"""The solve loop behind the drop-ins (:mod:`.torchdeq`, :mod:`.deq`).
+
+torchdeq's ``anderson_solver``/``fixed_point_iter`` and locuslab/deq's ``anderson``
+share one algorithm, which this module runs for a whole batch on the device:
+
+* Anderson (type II) with torchdeq's/locuslab's *absolute* ridge: the mixing weights
+  solve the bordered system ``[[0, 1^T], [1, G G^T + lam I]] [mu; alpha] = [1; 0]``
+  over the last ``n = min(k, m)`` residuals. (:func:`imp_fast.solve` scales its ridge
+  by the newest residual's squared norm; the two meanings cannot be converted into
+  each other by one number, so the drop-ins run this loop instead.) The first two
+  iterates are ``x0`` and ``f(x0)`` (an undamped step) and are not recorded; iterate
+  ``k >= 2`` is ``tau * alpha F + (1 - tau) * alpha X`` and is recorded at step
+  ``k + 1`` (the number of f evaluations made so far).
+* Picard as in torchdeq's ``fixed_point_iter``: ``fx = tau f(x) + (1 - tau) x``; the
+  residual is ``fx - x`` (of the damped map), recorded at step ``k + 1``.
+
+What a step records follows torchdeq's ``update_state``: each of the two residuals
+(abs and rel) keeps its own lowest value and step; the stop-mode one also selects the
+value returned (``f(x_k)`` for torchdeq, the iterate ``x_k`` for locuslab).
+
+Beyond both libraries: a sample whose stop-mode residual falls below ``tol`` is frozen
+there (it is the sample's lowest residual, so its answer does not depend on the other
+samples of the batch), the loop ends when every sample has frozen (one host check per
+step, as in both libraries, so f is never evaluated more often than there); a sample
+whose residual is not finite is frozen at its last lowest value and reported with NaN
+lowest residuals; Gram matrices, norms and weights are float32 or wider (bfloat16 and
+float16 states work); an exactly singular system falls back to a damped step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Tuple
+
+import torch
+
+__all__ = ["LoopOut", "run", "INIT_LOSS"]
+
+# torchdeq's and locuslab's initial "lowest" residual: a step whose residual is not
+# below it is never recorded as the lowest.
+INIT_LOSS = 1e8
+
+
+@dataclass
+class LoopOut:
+    """Result of :func:`run`. B samples, T recorded steps.
+
+    value:      (B, D) storage dtype, each sample's value at its lowest stop-mode
+                residual (the starting point when no step was lower).
+    lowest:     {"abs": (B,), "rel": (B,)} compute dtype, lowest residual of each kind
+                (NaN for a sample whose residual became non-finite).
+    step:       {"abs": (B,), "rel": (B,)} int64, the step each lowest was recorded at
+                (0: none).
+    trace:      {"abs": (B, T), "rel": (B, T)} the residual of each recorded step; a
+                frozen sample shows its lowest value from the step after it froze on.
+    converged:  (B,) bool, met tol.
+    nonfinite:  (B,) bool, its residual became NaN/Inf.
+    snapshots:  [(step, (B, D))] ``value`` as it was after each step in ``indexing``.
+    n_evals:    f evaluations made.
+    recorded:   T.
+    """
+
+    value: torch.Tensor
+    lowest: dict
+    step: dict
+    trace: dict
+    converged: torch.Tensor
+    nonfinite: torch.Tensor
+    snapshots: List[Tuple[int, torch.Tensor]]
+    n_evals: int
+    recorded: int
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    *,
+    method: str,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    m: int = 6,
+    lam: float = 1e-4,
+    tau: float = 1.0,
+    return_final: bool = False,
+    keep: str = "f",
+    rel_eps: float = 1e-9,
+    per_sample: bool = True,
+    indexing: Iterable[int] = (),
+) -> LoopOut:
+    """Run the loop on ``x0`` of shape (B, D); ``f`` maps (B, D) to (B, D) in x0's dtype.
+
+    ``keep``: "f" returns/records ``f(x_k)`` at the lowest step (torchdeq), "x" the
+    iterate ``x_k`` (locuslab). ``per_sample=False`` takes every norm over the whole
+    batch (locuslab's whole-batch residual): one residual, one lowest and one stop for
+    all samples, while each sample keeps its own Anderson weights. ``return_final``
+    (torchdeq): no freezing, no early stop, every step counts as the lowest.
+    """
+    if method not in ("anderson", "picard"):
+        raise ValueError(f"method must be 'anderson' or 'picard', got {method!r}")
+    with torch.no_grad():
+        return _Loop(f, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_final=return_final,
+                     keep=keep, rel_eps=rel_eps, per_sample=per_sample, indexing=indexing).run(
+            method, m=m, lam=lam, tau=tau)
+
+
+class _Loop:
+    def __init__(self, f, x0, *, max_iter, tol, stop_mode, return_final, keep, rel_eps, per_sample, indexing):
+        self.f = f
+        self.x0 = x0
+        self.B, self.D = x0.shape
+        self.sdt = x0.dtype
+        self.cdt = compute_dtype(x0.dtype)
+        self.dev = x0.device
+        self.max_iter = max_iter
+        self.tol = tol
+        self.stop_mode = stop_mode
+        self.return_final = return_final
+        self.keep = keep
+        self.rel_eps = rel_eps
+        self.per_sample = per_sample
+        self.indexing = set(indexing)
+        B, cdt, dev = self.B, self.cdt, self.dev
+        self.value = x0
+        self.lowest = {k: torch.full((B,), INIT_LOSS, dtype=cdt, device=dev) for k in ("abs", "rel")}
+        self.step = {k: torch.zeros(B, dtype=torch.int64, device=dev) for k in ("abs", "rel")}
+        self.trace = {"abs": [], "rel": []}
+        self.active = torch.ones(B, dtype=torch.bool, device=dev)
+        self.converged = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.snapshots: List[Tuple[int, torch.Tensor]] = []
+        self.n_evals = 0
+        self.nan = torch.tensor(float("nan"), dtype=cdt, device=dev)
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        self.n_evals += 1
+        return self.f(x)
+
+    def _norms(self, g: torch.Tensor, fx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        a = torch.linalg.vector_norm(g, dim=1)
+        n = torch.linalg.vector_norm(fx, dim=1, dtype=self.cdt)
+        if not self.per_sample:  # one norm over every entry of the batch
+            a = torch.linalg.vector_norm(a).expand(self.B)
+            n = torch.linalg.vector_norm(n).expand(self.B)
+        return a, a / (n + self.rel_eps)
+
+    def record(self, s: int, g: torch.Tensor, f_rec: torch.Tensor, cand: torch.Tensor) -> bool:
+        """Record step s: g = f_rec - x in compute dtype, f_rec the (damped) f-value for
+        the relative residual, cand the value kept if this is the lowest. Returns True
+        when the loop should go on."""
+        abs_r, rel_r = self._norms(g, f_rec)
+        diff = {"abs": abs_r, "rel": rel_r}
+        was_active = self.active
+        for mode in ("rel", "abs"):
+            better = was_active & ((diff[mode] < self.lowest[mode]) | self.return_final)
+            self.lowest[mode] = torch.where(better, diff[mode], self.lowest[mode])
+            self.step[mode] = torch.where(better, s, self.step[mode])
+            if mode == self.stop_mode:
+                self.value = torch.where(better[:, None], cand, self.value)
+        if not self.return_final:
+            res = diff[self.stop_mode]
+            bad = was_active & ((abs_r - abs_r) != 0)  # NaN or Inf
+            conv = was_active & (res < self.tol) & ~bad
+            self.converged |= conv
+            self.nonfinite |= bad
+            for mode in ("abs", "rel"):
+                self.lowest[mode] = torch.where(bad, self.nan, self.lowest[mode])
+            self.active = was_active & ~conv & ~bad
+        for mode in ("abs", "rel"):
+            # A sample frozen before this step shows its lowest value (torchdeq pads its
+            # trace with the lowest values after the batch stops).
+            self.trace[mode].append(torch.where(was_active, diff[mode], self.lowest[mode]))
+        if s in self.indexing:
+            self.snapshots.append((s, self.value))
+        if self.return_final:
+            return True
+        return bool(self.active.any())  # the one host sync of the step
+
+    def finish(self) -> LoopOut:
+        B = self.B
+        trace = {k: (torch.stack(v, dim=1) if v else torch.zeros(B, 0, dtype=self.cdt, device=self.dev))
+                 for k, v in self.trace.items()}
+        if self.return_final:
+            self.converged = (self.lowest[self.stop_mode] < self.tol)
+            self.nonfinite = ~torch.isfinite(self.lowest["abs"])
+        return LoopOut(self.value, self.lowest, self.step, trace, self.converged, self.nonfinite,
+                       self.snapshots, self.n_evals, len(self.trace["abs"]))
+
+    # ------------------------------------------------------------------ Picard
+
+    def run(self, method: str, *, m: int, lam: float, tau: float) -> LoopOut:
+        if method == "picard":
+            return self._picard(tau)
+        return self._anderson(m, lam, tau)
+
+    def _picard(self, tau: float) -> LoopOut:
+        x = self.x0
+        for k in range(self.max_iter):
+            fx = self.call(x)
+            if tau != 1.0:
+                fx = tau * fx + (1 - tau) * x
+            g = fx.to(self.cdt) - x.to(self.cdt)
+            go = self.record(k + 1, g, fx, fx)
+            x = torch.where(self.active[:, None], fx, x)
+            if not go:
+                break
+        return self.finish()
+
+    # ---------------------------------------------------------------- Anderson
+
+    def _anderson(self, m: int, lam: float, tau: float) -> LoopOut:
+        if self.max_iter <= 2:
+            # Both libraries record nothing before their third evaluation: the answer
+            # is x0 whatever f does, so f is not evaluated.
+            return self.finish()
+        B, D, sdt, cdt, dev = self.B, self.D, self.sdt, self.cdt, self.dev
+        X = torch.zeros(B, m, D, dtype=sdt, device=dev)
+        G = torch.zeros(B, m, D, dtype=sdt, device=dev)  # residuals f(x_i) - x_i
+        H = torch.zeros(B, m, m, dtype=cdt, device=dev)  # Gram G G^T, one row/column per step
+
+        def push(k: int, x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+            slot = k % m
+            g = fx.to(cdt) - x.to(cdt)
+            X[:, slot] = x
+            G[:, slot] = g
+            row = torch.linalg.vecdot(G.to(cdt), G[:, slot:slot + 1].to(cdt))  # (B, m)
+            H[:, slot, :] = row
+            H[:, :, slot] = row
+            return g
+
+        x = self.x0
+        fx = self.call(x)
+        push(0, x, fx)
+        x = fx  # the second iterate is f(x0), undamped, in both libraries
+        fx = self.call(x)
+        push(1, x, fx)
+        # The bordered system [[0, 1^T], [1, H + lam I]], rebuilt in place each step.
+        A = torch.zeros(B, m + 1, m + 1, dtype=cdt, device=dev)
+        A[:, 0, 1:] = 1
+        A[:, 1:, 0] = 1
+        rhs = torch.zeros(B, m + 1, 1, dtype=cdt, device=dev)
+        rhs[:, 0] = 1
+        for k in range(2, self.max_iter):
+            n = min(k, m)
+            An = A[:, :n + 1, :n + 1]
+            block = An[:, 1:, 1:]
+            block.copy_(H[:, :n, :n])
+            if lam:
+                block.diagonal(dim1=1, dim2=2).add_(lam)
+            sol, info = torch.linalg.solve_ex(An, rhs[:, :n + 1])
+            alpha = sol[:, 1:, 0]  # (B, n)
+            Xn, Gn = X[:, :n].to(cdt), G[:, :n].to(cdt)
+            mix = torch.bmm(alpha.unsqueeze(1), Xn).squeeze(1)
+            mix = mix + tau * torch.bmm(alpha.unsqueeze(1), Gn).squeeze(1)
+            # An exactly singular system (lam = 0 and repeated residuals): damped step
+            # from the newest iterate instead (torchdeq raises there).
+            newest = (k - 1) % m
+            s = mix.sum(dim=1)
+            ok = (info == 0) & ((s - s) == 0)
+            step = X[:, newest].to(cdt) + tau * G[:, newest].to(cdt)
+            mix = torch.where(ok[:, None], mix, step).to(sdt)
+            x_new = torch.where(self.active[:, None], mix, x)
+            fx = self.call(x_new)
+            g = push(k, x_new, fx)
+            go = self.record(k + 1, g, fx, fx if self.keep == "f" else x_new)
+            x = x_new
+            if not go:
+                break
+        return self.finish()
