@@ -49,7 +49,7 @@ DEFAULTS = dict(
     max_iter=50,
     tol=1e-4,
     stop="rel",
-    m=5,
+    m=None,
     beta=1.0,
     lam=1e-4,
     check_every=5,
@@ -104,7 +104,7 @@ def validate_options(func: str, options: dict) -> dict:
     o["max_iter"] = check_int("max_iter", o["max_iter"], minimum=1)
     o["tol"] = check_positive("tol", o["tol"])
     check_choice("stop", o["stop"], ("rel", "abs"))
-    o["m"] = check_int("m", o["m"], minimum=1)
+    o["m"] = check_int("m", o["m"], minimum=1, allow_none=True)
     o["beta"] = check_positive("beta", o["beta"])
     if o["beta"] >= 2.0:
         raise ValueError(f"beta must be in (0, 2), got {o['beta']!r}")
@@ -162,7 +162,7 @@ def implicit_solve(
     max_iter: int = 50,
     tol: float = 1e-4,
     stop: str = "rel",
-    m: int = 5,
+    m: Optional[int] = None,
     beta: float = 1.0,
     lam: float = 1e-4,
     check_every: Optional[int] = 5,
@@ -202,8 +202,9 @@ def implicit_solve(
             with ``backward="unroll"``, which differentiates through it.
 
     Keyword options (forward solve, as in :func:`imp_fast.solve`):
-        method ("anderson" | "picard"), max_iter (50), tol (1e-4), stop ("rel" |
-        "abs"), m (5), beta (1.0), lam (1e-4), check_every (5), backend ("auto").
+        method ("anderson" | "picard" | "broyden"), max_iter (50), tol (1e-4), stop
+        ("rel" | "abs"), m (None: 5 for Anderson, min(max_iter, 30) for Broyden), beta
+        (1.0), lam (1e-4), check_every (5), backend ("auto").
         batched (True): dim 0 holds independent samples, each with its own status
             and residual; ``False`` makes the whole tensor one problem (one residual,
             one status, one Anderson system) — use it when the state's rows are

@@ -124,7 +124,7 @@ class ImplicitLayer(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         keys = ["method", "max_iter", "tol", "stop", "backward"]
-        if o["method"] == "anderson":
+        if o["m"] is not None:
             keys.append("m")
         if o["beta"] != 1.0:
             keys.append("beta")

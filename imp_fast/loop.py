@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
+from .backends import broyden as _broyden
 from .backends import get_backend
 from .result import SolveResult, Status
 from .state import LoopState, StepParams, compute_dtype
@@ -26,7 +27,9 @@ from .validation import (
 
 __all__ = ["solve", "picard", "anderson", "METHODS"]
 
-METHODS = ("anderson", "picard")
+METHODS = ("anderson", "picard", "broyden")
+# Broyden keeps this many rank-one updates unless m is given (torchdeq keeps max_iter).
+BROYDEN_MEMORY = 30
 # Plain ints: torch.compile does not trace tensor comparisons with IntEnum members.
 _RUNNING = int(Status.RUNNING)
 _MAX_ITER = int(Status.MAX_ITER)
@@ -47,7 +50,7 @@ def solve(
     max_iter: Union[int, torch.Tensor] = 50,
     tol: float = 1e-4,
     stop: str = "rel",
-    m: int = 5,
+    m: Optional[int] = None,
     beta: float = 1.0,
     lam: float = 1e-4,
     check_every: Optional[int] = 5,
@@ -75,14 +78,18 @@ def solve(
             cast back to the state's dtype (the state keeps z0's dtype and norms stay
             float32 or wider).
         z0: initial guess, batch on dim 0 (never modified).
-        method: "anderson" (type-II Anderson acceleration) or "picard".
+        method: "anderson" (type-II Anderson acceleration), "picard", or "broyden"
+            (limited-memory "good" Broyden, as in the DEQ papers; see
+            :mod:`imp_fast.backends.broyden`).
         max_iter: most f evaluations: an int, or a ``(B,)`` integer tensor of
             per-sample budgets (test-time scaling: sample b stops with MAX_ITER after
             ``max_iter[b]`` updates; the loop runs ``max(max_iter)`` iterations).
         tol: a sample converges when its ``stop`` residual is below tol; it is then
             frozen (its z never changes again).
         stop: "rel" (||f(z)-z|| / (||f(z)|| + eps)) or "abs" (||f(z)-z||).
-        m: Anderson history size.
+        m: history size: Anderson mixes the last m iterates (default 5); Broyden
+            keeps the last m rank-one updates of its inverse-Jacobian estimate
+            (default ``min(max_iter, 30)``; torchdeq's broyden_solver keeps max_iter).
         beta: damping, z <- (1-beta) z + beta f(z) (Anderson mixes likewise).
         lam: Anderson ridge, relative to the newest residual's squared norm.
         check_every: host checks for early exit every this many iterations;
@@ -148,7 +155,9 @@ def solve(
         budget, max_iter = _check_budget(max_iter, z0, batched)
     max_iter = check_int("max_iter", max_iter, minimum=1)
     tol = check_positive("tol", tol)
-    m = check_int("m", m, minimum=1)
+    m = check_int("m", m, minimum=1, allow_none=True)
+    if m is None:
+        m = min(max_iter, BROYDEN_MEMORY) if method == "broyden" else 5
     beta = check_positive("beta", beta)
     if beta >= 2.0:
         raise ValueError(f"beta must be in (0, 2), got {beta!r}")
@@ -213,7 +222,8 @@ def run_loop(
     B = shape[0] if batched else 1
     with torch.no_grad():
         z = z0.detach().reshape(B, -1).clone(memory_format=torch.contiguous_format)
-        st = LoopState.create(z, m=m if method == "anderson" else None, return_best=return_best)
+        st = LoopState.create(z, m=m if method == "anderson" else None, return_best=return_best,
+                              broyden_m=m if method == "broyden" else None)
         cdt = compute_dtype(z.dtype)
         tr_abs = tr_rel = None
         if trace:
@@ -224,6 +234,9 @@ def run_loop(
         compiling = torch.compiler.is_compiling()  # once: it costs microseconds per call
         anderson_step, picard_step = impl.anderson_step, impl.picard_step
         is_anderson = method == "anderson"
+        broyden_step = None
+        if method == "broyden":  # the backend's fused op, else the plain-torch step
+            broyden_step = getattr(impl, "broyden_step", None) or _broyden.broyden_step
         # f must not write into its argument (the live state). Version counters catch
         # it for free; inference tensors have none, so there f gets a copy instead.
         protect = not compiling and st.z.is_inference()
@@ -257,6 +270,8 @@ def run_loop(
                 fz = fz.clone()  # f returned (a view of) its input: we update z in place
             if is_anderson:
                 anderson_step(work, fz, params, k % m)
+            elif broyden_step is not None:
+                broyden_step(work, fz, params, k)
             else:
                 picard_step(work, fz, params)
             if k == 0:

@@ -58,6 +58,10 @@ class LoopState:
     H:        (B, m, m) compute dtype, Gram matrix G G^T, kept current by one new
               row/column per step; unwritten diagonal entries hold a huge value so
               their mixing weights are (numerically) zero.
+    U, V:     (B, m, D) compute dtype, limited-memory Broyden: the inverse-Jacobian
+              estimate of g(z) = f(z) - z is ``-I + sum_i U_i V_i^T`` over the last m
+              rank-one updates (ring buffer; unwritten slots are zero).
+    z_prev, g_prev: (B, D) compute dtype, Broyden: the previous iterate and its g.
     cache:    backend-private scratch for one solve (views, buffers, argument
               tuples), keyed by the backend; never holds results. Entries derived
               from a field's contents must be invalidated when that field is
@@ -76,6 +80,10 @@ class LoopState:
     F: Optional[torch.Tensor] = None
     G: Optional[torch.Tensor] = None
     H: Optional[torch.Tensor] = None
+    U: Optional[torch.Tensor] = None
+    V: Optional[torch.Tensor] = None
+    z_prev: Optional[torch.Tensor] = None
+    g_prev: Optional[torch.Tensor] = None
     # Backend-private, per-solve: e.g. views of the tensors above, made once instead of
     # once per iteration. Never holds results.
     cache: Dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -93,7 +101,8 @@ class LoopState:
         return LoopState(**{k: None if v is None else v.clone() for k, v in self.tensors().items()})
 
     @classmethod
-    def create(cls, z: torch.Tensor, *, m: Optional[int], return_best: bool) -> "LoopState":
+    def create(cls, z: torch.Tensor, *, m: Optional[int], return_best: bool,
+               broyden_m: Optional[int] = None) -> "LoopState":
         B, D = z.shape
         cdt = compute_dtype(z.dtype)
         dev = z.device
@@ -118,6 +127,11 @@ class LoopState:
             hist = torch.zeros(2, B, m, D, dtype=z.dtype, device=dev)
             st.G, st.F = hist[0], hist[1]
             st.H = torch.diag_embed(torch.full((B, m), cls.UNSET_DIAG, dtype=cdt, device=dev)).contiguous()
+        if broyden_m is not None:
+            st.U = torch.zeros(B, broyden_m, D, dtype=cdt, device=dev)
+            st.V = torch.zeros(B, broyden_m, D, dtype=cdt, device=dev)
+            st.z_prev = torch.zeros(B, D, dtype=cdt, device=dev)
+            st.g_prev = torch.zeros(B, D, dtype=cdt, device=dev)
         return st
 
     # The fields a solve reports (what active sets scatter back); the rest is working
@@ -131,7 +145,8 @@ class LoopState:
         a check, and the loop then steps only them.
         """
         m = None if self.F is None else self.F.shape[1]
-        out = LoopState.create(self.z.index_select(0, idx), m=m, return_best=self.best_z is not None)
+        bm = None if self.U is None else self.U.shape[1]
+        out = LoopState.create(self.z.index_select(0, idx), m=m, return_best=self.best_z is not None, broyden_m=bm)
         for name, t in self.tensors().items():
             if t is not None and name != "z":
                 torch.index_select(t, 0, idx, out=getattr(out, name))

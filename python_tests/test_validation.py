@@ -18,7 +18,7 @@ def f_ok(z):
         (dict(m=0), ValueError, "m must be >= 1"),
         (dict(m=2.5), TypeError, "m must be an int"),
         (dict(max_iter=0), ValueError, "max_iter"),
-        (dict(method="broyden"), ValueError, "method"),
+        (dict(method="newton"), ValueError, "method"),
         (dict(stop="max"), ValueError, "stop"),
         (dict(backend="cuda-magic"), ValueError, "backend"),
         (dict(beta=0.0), ValueError, "beta"),
