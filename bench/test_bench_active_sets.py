@@ -2,7 +2,8 @@
 
 f(z; s, x) = tanh(s * (z W) + x), W symmetric with ||W||_2 = 0.995, per-sample scale s
 from 0.2 to 1.0, x ~ 0.1 N(0, 1), (B, D) = (64, 1024), tol 1e-6 (rel), cpp backend,
-check_every 5. Picard needs 8..182 iterations per sample and Anderson (m=5) 7..63, so
+check_every 5 (imp_fast.demo.make_heterogeneous_problem, also `imp-fast demo --adaptive`).
+Picard needs 8..~190 iterations per sample and Anderson (m=5) 7..~70, so
 on the whole batch most f work goes to samples that are already done. Each row is a
 full solve to tol; "f-rows" counts the rows f was evaluated on. torchdeq's solvers on
 the same batch (they stop when the whole batch meets tol) are shown beside them.
@@ -14,34 +15,31 @@ import torch
 
 import imp_fast
 from imp_fast.backends import backend_status
+from imp_fast.demo import make_heterogeneous_problem
 
 B, D, TOL, MAX_ITER = 64, 1024, 1e-6, 3000
 BACKEND = "cpp" if backend_status()["cpp"] is None else "reference"
 
 try:
     from torchdeq.solver import anderson_solver as tdeq_anderson
+    from torchdeq.solver import broyden_solver as tdeq_broyden
     from torchdeq.solver import fixed_point_iter as tdeq_fpi
 except Exception:  # torchdeq is an optional baseline
-    tdeq_anderson = tdeq_fpi = None
+    tdeq_anderson = tdeq_broyden = tdeq_fpi = None
 
 
 def heterogeneous_batch():
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(D, D, generator=g)
-    W = A + A.T
-    W = 0.995 * W / torch.linalg.matrix_norm(W, 2)
-    s = torch.linspace(0.2, 1.0, B)
-    x = 0.1 * torch.randn(B, D, generator=g)
+    p = make_heterogeneous_problem(B, D)
     rows = [0]
 
     def f(z, s, x):
         rows[0] += z.shape[0]
-        return torch.tanh(s[:, None] * (z @ W) + x)
+        return p.f(z, s, x)
 
-    return f, (s, x), rows
+    return f, (p.s, p.x), rows
 
 
-@pytest.mark.parametrize("method", ["picard", "anderson"])
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
 @pytest.mark.parametrize("compact", [False, True], ids=["whole-batch", "compact"])
 def test_active_sets(benchmark, record_active, method, compact):
     f, args, rows = heterogeneous_batch()
@@ -49,7 +47,8 @@ def test_active_sets(benchmark, record_active, method, compact):
 
     def run():
         rows[0] = 0
-        return imp_fast.solve(f, z0, args=args, method=method, tol=TOL, max_iter=MAX_ITER, m=5,
+        return imp_fast.solve(f, z0, args=args, method=method, tol=TOL, max_iter=MAX_ITER,
+                              m=5 if method == "anderson" else None,
                               compact=compact, backend=BACKEND)
 
     r = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
@@ -61,16 +60,17 @@ def test_active_sets(benchmark, record_active, method, compact):
 
 
 @pytest.mark.skipif(tdeq_anderson is None, reason="torchdeq not installed")
-@pytest.mark.parametrize("method", ["picard", "anderson"])
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
 def test_torchdeq_same_batch(benchmark, record_active, method):
     f, args, rows = heterogeneous_batch()
-    fn = tdeq_anderson if method == "anderson" else tdeq_fpi
+    fn = {"anderson": tdeq_anderson, "broyden": tdeq_broyden, "picard": tdeq_fpi}[method]
+    kw = dict(m=5) if method == "anderson" else {}
 
     def run():
         rows[0] = 0
-        return fn(lambda z: f(z, *args), torch.zeros(B, D), max_iter=MAX_ITER, tol=TOL, stop_mode="rel", m=5)
+        return fn(lambda z: f(z, *args), torch.zeros(B, D), max_iter=MAX_ITER, tol=TOL, stop_mode="rel", **kw)
 
     _, _, info = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    record_active(solver=f"torchdeq {'anderson_solver' if method == 'anderson' else 'fixed_point_iter'}",
+    record_active(solver=f"torchdeq {dict(anderson='anderson_solver', broyden='broyden_solver').get(method, 'fixed_point_iter')}",
                   method=method, compact=None, ms=1e3 * benchmark.stats.stats.min, f_rows=rows[0],
                   iterations=rows[0] // B, n_min=None, n_max=None, work_ratio=None)

@@ -133,16 +133,33 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_table, run_demo
+    from .demo import format_adaptive_table, format_table, run_adaptive_demo, run_demo
 
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"imp_fast demo: f(z) = tanh(W z + x), W symmetric with ||W||_2 = 0.97, batch {args.batch}, dim {args.dim}, "
-          f"tol {args.tol:g} (rel), device {device}, {args.threads} thread(s)")
-    rows = run_demo(args.batch, args.dim, max_iter=args.max_iter, tol=args.tol, repeats=args.repeats,
+    adaptive = args.adaptive
+    batch = args.batch or (64 if adaptive else 8)
+    dim = args.dim or (1024 if adaptive else 256)
+    tol = args.tol or (1e-6 if adaptive else 1e-5)
+    max_iter = args.max_iter or (3000 if adaptive else 500)
+    if adaptive:
+        if device != "cpu":
+            print("imp-fast demo: error: --adaptive runs on the CPU (the active-set batch is a CPU benchmark)",
+                  file=sys.stderr)
+            return 2
+        print(f"imp_fast demo --adaptive: f(z; s, x) = tanh(s (z W) + x), W symmetric with ||W||_2 = 0.995, per-sample "
+              f"scale s from 0.2 to 1.0, batch {batch}, dim {dim}, tol {tol:g} (rel), check every 5, "
+              f"{args.threads} thread(s)")
+        rows = run_adaptive_demo(batch, dim, tol=tol, max_iter=max_iter, repeats=args.repeats,
+                                 include_torchdeq=not args.no_torchdeq)
+        print(format_adaptive_table(rows))
+        return 0
+    print(f"imp_fast demo: f(z) = tanh(W z + x), W symmetric with ||W||_2 = 0.97, batch {batch}, dim {dim}, "
+          f"tol {tol:g} (rel), device {device}, {args.threads} thread(s)")
+    rows = run_demo(batch, dim, max_iter=max_iter, tol=tol, repeats=args.repeats,
                     device=device, include_torchdeq=not args.no_torchdeq)
     print(format_table(rows))
-    bad = [r for r in rows if r["solver"].startswith("imp_fast") and r["converged"] < args.batch]
+    bad = [r for r in rows if r["solver"].startswith("imp_fast") and r["converged"] < batch]
     if bad:
         print(f"warning: {len(bad)} imp_fast row(s) did not converge for every sample", file=sys.stderr)
     return 0
@@ -181,10 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends").set_defaults(func=_info)
     d = sub.add_parser("demo", help="solve the built-in DEQ problem with every backend and compare timings")
-    d.add_argument("--batch", type=positive_int, default=8, help="samples, >= 1 (default %(default)s)")
-    d.add_argument("--dim", type=positive_int, default=256, help="state size per sample, >= 1 (default %(default)s)")
-    d.add_argument("--max-iter", type=positive_int, default=500, help="iteration cap, >= 1 (default %(default)s)")
-    d.add_argument("--tol", type=positive_float, default=1e-5, help="relative residual, > 0 (default %(default)s)")
+    d.add_argument("--batch", type=positive_int, default=None, help="samples, >= 1 (default 8; 64 with --adaptive)")
+    d.add_argument("--dim", type=positive_int, default=None,
+                   help="state size per sample, >= 1 (default 256; 1024 with --adaptive)")
+    d.add_argument("--max-iter", type=positive_int, default=None,
+                   help="iteration cap, >= 1 (default 500; 3000 with --adaptive)")
+    d.add_argument("--tol", type=positive_float, default=None,
+                   help="relative residual, > 0 (default 1e-5; 1e-6 with --adaptive)")
+    d.add_argument("--adaptive", action="store_true",
+                   help="a batch of easy and hard samples: per-sample iterations, f-rows and time with and "
+                        "without active sets (solve(..., compact=True)), and torchdeq's")
     d.add_argument("--repeats", type=positive_int, default=3, help="timed repeats, >= 1 (default %(default)s)")
     d.add_argument("--threads", type=positive_int, default=1, help="torch threads, >= 1 (default %(default)s)")
     d.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")

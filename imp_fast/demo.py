@@ -15,7 +15,10 @@ import torch
 from .backends import backend_status
 from .loop import solve
 
-__all__ = ["DEQProblem", "make_problem", "run_demo", "format_table"]
+__all__ = [
+    "DEQProblem", "make_problem", "run_demo", "format_table",
+    "HeterogeneousProblem", "make_heterogeneous_problem", "run_adaptive_demo", "format_adaptive_table",
+]
 
 
 @dataclass
@@ -86,9 +89,11 @@ def _lam_text(lam: float, relative: bool) -> str:
 def run_demo(batch: int = 8, dim: int = 256, *, max_iter: int = 500, tol: float = 1e-5,
              repeats: int = 3, device: str = "cpu", include_torchdeq: bool = True, m: int = 5,
              lam: float = 1e-4, torchdeq_lams: Sequence[float] = (1e-4, 1e-8),
-             check_every: int = 5, backends: Optional[Sequence[str]] = None) -> List[Dict]:
+             check_every: int = 5, backends: Optional[Sequence[str]] = None,
+             broyden_m: int = 30) -> List[Dict]:
     """Solve the built-in stiff problem (symmetric W, rho 0.97) with every available
-    backend and method, and torchdeq's solvers when installed; one row each.
+    backend and method (Picard, Anderson, Broyden with ``broyden_m`` rank-one updates of
+    memory), and torchdeq's solvers when installed; one row each.
 
     Every row uses the same tol and stop mode (relative residual) and every Anderson
     row the same history size ``m``. ``lam`` means different things: imp_fast's ridge
@@ -118,11 +123,12 @@ def run_demo(batch: int = 8, dim: int = 256, *, max_iter: int = 500, tol: float 
     backends = available if backends is None else list(backends)
     torchdeq_lams = tuple(torchdeq_lams)
     td_anderson = f"torchdeq anderson, lam={_num(min(torchdeq_lams))}" if torchdeq_lams else None
-    for method in ("picard", "anderson"):
+    td_broyden = "torchdeq broyden_solver"
+    for method in ("picard", "anderson", "broyden"):
         for be in backends:
             def run(fn, be=be, method=method):
-                return solve(fn, prob.z0(), method=method, max_iter=max_iter, tol=tol, stop="rel", m=m, lam=lam,
-                             check_every=check_every, backend=be)
+                return solve(fn, prob.z0(), method=method, max_iter=max_iter, tol=tol, stop="rel",
+                             m=m if method == "anderson" else broyden_m, lam=lam, check_every=check_every, backend=be)
 
             r, n_evals = _counted(run, prob.f)
             secs = _time(lambda: run(prob.f), repeats)
@@ -130,22 +136,26 @@ def run_demo(batch: int = 8, dim: int = 256, *, max_iter: int = 500, tol: float 
             settings = f"{common}, host check every {check_every} evals"
             if method == "anderson":
                 settings = f"m={m}, {_lam_text(lam, True)}, " + settings
+            elif method == "broyden":
+                settings = f"memory m={broyden_m} rank-one updates, no line search, " + settings
+            base = {"picard": "torchdeq fixed_point_iter", "anderson": td_anderson, "broyden": td_broyden}[method]
             rows.append(dict(solver=f"imp_fast {method}", backend=be, settings=settings, f_evals=n_evals,
                              evals_to_tol=int(r.n_iter.max()) + 1 if done else None,
                              converged=int(r.converged.sum()), residual=float(r.rel_residual.max()),
-                             ms_per_iter=1e3 * secs / n_evals, total_ms=1e3 * secs,
-                             baseline="torchdeq fixed_point_iter" if method == "picard" else td_anderson))
+                             ms_per_iter=1e3 * secs / n_evals, total_ms=1e3 * secs, baseline=base))
     if include_torchdeq:
         from .compat import torchdeq as drop_in
 
         try:
-            from torchdeq.solver import anderson_solver, fixed_point_iter
+            from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
         except Exception:
-            anderson_solver = fixed_point_iter = None
+            anderson_solver = broyden_solver = fixed_point_iter = None
         runs = []
         if fixed_point_iter is not None:
             runs.append(("torchdeq fixed_point_iter", "torchdeq", fixed_point_iter, {}, common,
                          "torchdeq fixed_point_iter"))
+            runs.append((td_broyden, "torchdeq", broyden_solver, {},
+                         f"memory max_iter={max_iter} rank-one updates, no line search, {common}", td_broyden))
         for td_lam in torchdeq_lams:
             label = f"torchdeq anderson, lam={_num(td_lam)}"
             settings = f"m={m}, {_lam_text(td_lam, False)}, {common}"
@@ -204,3 +214,109 @@ def format_table(rows: List[Dict], batch: Optional[int] = None, dim: Optional[in
                  "drop-in's) is an absolute ridge: no single value converts one into the other, so torchdeq runs "
                  "at its default lam and at a small one.")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# --adaptive: a batch of easy and hard samples, with and without active sets
+
+
+@dataclass
+class HeterogeneousProblem:
+    """f(z; s, x) = tanh(s * (z W) + x): per-sample scales s make some samples contract
+    fast and others slowly (W symmetric, ||W||_2 = rho)."""
+
+    W: torch.Tensor
+    s: torch.Tensor
+    x: torch.Tensor
+
+    def f(self, z: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(s[:, None] * (z @ self.W) + x)
+
+    def z0(self) -> torch.Tensor:
+        return torch.zeros_like(self.x)
+
+
+def make_heterogeneous_problem(batch: int = 64, dim: int = 1024, *, rho: float = 0.995, s_min: float = 0.2,
+                               x_scale: float = 0.1, seed: int = 0, dtype: torch.dtype = torch.float32,
+                               device: str = "cpu") -> HeterogeneousProblem:
+    """The active-set benchmark's batch: scales s from ``s_min`` to 1 across the batch
+    (at the defaults Picard needs 8..182 iterations per sample at tol 1e-6, Anderson 7..63)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    W = A + A.t()
+    W = W * (rho / torch.linalg.matrix_norm(W, 2))
+    s = torch.linspace(s_min, 1.0, batch, dtype=torch.float64)
+    x = x_scale * torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    return HeterogeneousProblem(*(t.to(dtype=dtype, device=device) for t in (W, s, x)))
+
+
+def run_adaptive_demo(batch: int = 64, dim: int = 1024, *, tol: float = 1e-6, max_iter: int = 3000,
+                      repeats: int = 3, check_every: int = 5, backend: str = "auto",
+                      include_torchdeq: bool = True) -> List[Dict]:
+    """Solve the heterogeneous batch with each method, on the whole batch and with
+    ``compact=True``; rows with per-sample iterations, f-rows evaluated and time (and
+    torchdeq's solvers on the same batch, which stop when the whole batch meets tol)."""
+    prob = make_heterogeneous_problem(batch, dim)
+    args = (prob.s, prob.x)
+    rows: List[Dict] = []
+    for method in ("picard", "anderson", "broyden"):
+        for compact in (False, True):
+            count = [0]
+
+            def f(z, s, x):
+                count[0] += z.shape[0]
+                return prob.f(z, s, x)
+
+            def run(fn=prob.f, method=method, compact=compact):
+                return solve(fn, prob.z0(), args=args, method=method, tol=tol, max_iter=max_iter, m=5 if method == "anderson" else None,
+                             check_every=check_every, compact=compact, backend=backend)
+
+            r = run(f)
+            secs = _time(run, repeats)
+            n = r.n_iter
+            rows.append(dict(solver=f"imp_fast {method}", compact=compact, backend=r.backend,
+                             n_min=int(n.min()), n_max=int(n.max()), n_mean=float(n.float().mean()),
+                             f_rows=count[0], converged=int(r.converged.sum()), total_ms=1e3 * secs,
+                             work_ratio=float(n.sum()) / (batch * int(n.max()))))
+    if include_torchdeq:
+        try:
+            from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
+        except Exception:
+            return rows
+        for name, fn, kw in (("torchdeq fixed_point_iter", fixed_point_iter, {}),
+                             ("torchdeq anderson_solver", anderson_solver, dict(m=5)),
+                             ("torchdeq broyden_solver", broyden_solver, {})):
+            count = [0]
+
+            def f(z, count=count):
+                count[0] += z.shape[0]
+                return prob.f(z, *args)
+
+            def run(g=lambda z: prob.f(z, *args), fn=fn, kw=kw):
+                return fn(g, prob.z0(), max_iter=max_iter, tol=tol, stop_mode="rel", **kw)
+
+            _, _, info = run(f)
+            secs = _time(run, repeats)
+            conv = info["rel_lowest"] < tol
+            rows.append(dict(solver=name, compact=None, backend="torchdeq", n_min=None, n_max=None, n_mean=None,
+                             f_rows=count[0], converged=int(conv.sum()), total_ms=1e3 * secs, work_ratio=None))
+    return rows
+
+
+def format_adaptive_table(rows: List[Dict]) -> str:
+    """Markdown table of :func:`run_adaptive_demo` rows; time and f-rows also relative to
+    the same method on the whole batch."""
+    lines = ["| solver | active sets | iterations per sample (min / mean / max) | f-rows | converged | total ms "
+             "| time vs whole batch |", "|" + "---|" * 7]
+    whole = {r["solver"]: r for r in rows if r["compact"] is False}
+    for r in rows:
+        its = "-" if r["n_min"] is None else f"{r['n_min']} / {r['n_mean']:.1f} / {r['n_max']}"
+        c = "-" if r["compact"] is None else ("yes" if r["compact"] else "no")
+        w = whole.get(r["solver"])
+        rel = f"{r['total_ms'] / w['total_ms']:.2f}x" if w is not None else ""
+        lines.append(f"| {r['solver']} | {c} | {its} | {r['f_rows']} | {r['converged']} | {r['total_ms']:.1f} | {rel} |")
+    lines.append("")
+    lines.append("f-rows: rows of the batch f was evaluated on. With active sets the samples that converged leave "
+                 "the working set at each host check; the ideal f-work ratio is sum(n_i) / (B max n_i).")
+    return "\n".join(lines)
+

@@ -79,3 +79,18 @@ def test_without_torchdeq_the_rows_have_no_baseline(monkeypatch):
 def test_unavailable_backend_is_named():
     with pytest.raises(ValueError, match="'nope'"):
         run_demo(**{**SMALL, "backends": ("nope",)}, include_torchdeq=False)
+
+
+def test_adaptive_demo_rows_and_table():
+    from imp_fast.demo import format_adaptive_table, run_adaptive_demo
+
+    rows = run_adaptive_demo(12, 48, tol=1e-5, max_iter=500, repeats=1, include_torchdeq=False)
+    assert [(r["solver"], r["compact"]) for r in rows] == [
+        (f"imp_fast {m}", c) for m in ("picard", "anderson", "broyden") for c in (False, True)
+    ]
+    for whole, comp in zip(rows[::2], rows[1::2]):
+        assert comp["converged"] == whole["converged"] == 12
+        assert comp["f_rows"] < whole["f_rows"]  # active sets evaluate fewer rows
+        assert comp["n_max"] > comp["n_min"]  # the batch is heterogeneous
+    table = format_adaptive_table(rows)
+    assert "| imp_fast picard | yes |" in table and "f-rows" in table
