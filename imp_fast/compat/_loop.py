@@ -31,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Tuple
 
+import warnings
+
 import torch
 
 __all__ = ["LoopOut", "run", "INIT_LOSS"]
@@ -270,3 +272,22 @@ class _Loop:
             if not go:
                 break
         return self.finish()
+
+
+_warned: set = set()
+
+
+def warn_ignored(qualname: str, library: str, kwargs: dict, stacklevel: int = 3) -> None:
+    """Warn once per (function, name) about keyword arguments the drop-in ignores (the
+    original library ignores them silently: a misspelt option would go unnoticed)."""
+    new = [k for k in kwargs if (qualname, k) not in _warned]
+    if not new:
+        return
+    _warned.update((qualname, k) for k in new)
+    warnings.warn(
+        f"{qualname}: ignoring unknown keyword argument(s) {', '.join(repr(k) for k in new)} "
+        f"({library} ignores them silently; check for a misspelt option)",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+

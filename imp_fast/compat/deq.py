@@ -60,20 +60,8 @@ from . import _loop
 
 __all__ = ["anderson", "broyden"]
 
-_warned: set = set()
-
-
 def _warn_ignored(func: str, kwargs: dict) -> None:
-    new = [k for k in kwargs if (func, k) not in _warned]
-    if not new:
-        return
-    _warned.update((func, k) for k in new)
-    warnings.warn(
-        f"imp_fast.compat.deq.{func}: ignoring unknown keyword argument(s) "
-        f"{', '.join(repr(k) for k in new)} (locuslab/deq ignores them silently; check for a misspelt option)",
-        UserWarning,
-        stacklevel=3,
-    )
+    _loop.warn_ignored(f"imp_fast.compat.deq.{func}", "locuslab/deq", kwargs, stacklevel=4)
 
 
 def _check_x0(x0) -> torch.Tensor:

@@ -95,20 +95,8 @@ __all__ = [
 ]
 
 _INIT_LOSS = _loop.INIT_LOSS
-_warned: set = set()
-
-
 def _warn_ignored(func: str, kwargs: dict) -> None:
-    new = [k for k in kwargs if (func, k) not in _warned]
-    if not new:
-        return
-    _warned.update((func, k) for k in new)
-    warnings.warn(
-        f"imp_fast.compat.torchdeq.{func}: ignoring unknown keyword argument(s) "
-        f"{', '.join(repr(k) for k in new)} (torchdeq ignores them silently; check for a misspelt option)",
-        UserWarning,
-        stacklevel=3,
-    )
+    _loop.warn_ignored(f"imp_fast.compat.torchdeq.{func}", "torchdeq", kwargs, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- checks
