@@ -51,7 +51,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import warnings
 from typing import Callable, Dict
 
 import torch

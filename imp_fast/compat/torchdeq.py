@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Callable, Dict, List, Tuple
 
 import torch
