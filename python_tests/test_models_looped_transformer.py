@@ -99,18 +99,53 @@ def test_quick_training_lowers_the_loss():
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
 
 
+def trend_failures(res):
+    """What is wrong with a probe result (empty: nothing): accuracy rises with the loops
+    (token accuracy +0.15 from t = 1, sequence accuracy from 0 to >= 0.8; the rows cannot
+    be solved within 2 loops), separation rises >= 1.3x, the residual falls 100x and
+    does not rise over the last loops."""
+    bad = []
+    tok, seq, sep, r = res["token_accuracy"], res["sequence_accuracy"], res["separation"], res["residual"]
+    if not tok[-1] >= tok[0] + 0.15:
+        bad.append(f"token accuracy {tok[0]:.3f} -> {tok[-1]:.3f}")
+    if not (seq[0] == 0.0 and seq[-1] >= 0.8):
+        bad.append(f"sequence accuracy {seq[0]:.3f} -> {seq[-1]:.3f}")
+    if not sep[-1] >= 1.3 * sep[0]:
+        bad.append(f"separation {sep[0]:.2f} -> {sep[-1]:.2f}")
+    if not r[-1] <= 0.01 * r[0]:
+        bad.append(f"residual fell only {r[0]:.3g} -> {r[-1]:.3g}")
+    if not r[-1] <= r[-2]:
+        bad.append(f"residual rose {r[-2]:.3g} -> {r[-1]:.3g}")
+    return bad
+
+
 def test_reproduce_looped_transformer_quick_writes_results_and_png(tmp_path, capsys):
-    assert main(["reproduce", "looped-transformer", "--quick", "--out", str(tmp_path)]) == 0
+    # --steps 150: the quick recipe's 30 steps check the plumbing; 150 (about 5 s) learn the task
+    assert main(["reproduce", "looped-transformer", "--quick", "--steps", "150", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| t | token accuracy | sequence accuracy | separation |" in out
+    assert "| t | token accuracy | sequence accuracy | separation | residual |" in out
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["t"] == [1, 2, 4, 8, 16, 32]
-    for key in ("token_accuracy", "sequence_accuracy", "separation"):
+    for key in ("token_accuracy", "sequence_accuracy", "separation", "residual"):
         assert len(res[key]) == 6 and all(math.isfinite(v) for v in res[key])
     assert all(0.0 <= v <= 1.0 for v in res["token_accuracy"] + res["sequence_accuracy"])
     assert all(0.0 <= v <= lt.N_CELLS for v in res["separation"])
+    bad = trend_failures(res)
+    assert bad == [], bad
     png = tmp_path / "looped_transformer_scaling.png"
     assert png.exists() and png.stat().st_size > 1000
+
+    # the checks fail an untrained model, and the trained one once its z-path is made expansive
+    torch.manual_seed(0)
+    model = lt.LoopedTransformer()
+    bad = trend_failures(lt.probe(model, 256, seed=1))
+    assert any("accuracy" in b for b in bad), bad
+    model.load_state_dict(torch.load(tmp_path / "looped_transformer_quick.pt", weights_only=True)["model"])
+    assert trend_failures(lt.probe(model, 256, seed=1)) == []
+    with torch.no_grad():
+        model.inject.weight[:, :model.d].mul_(8.0)
+    bad = trend_failures(lt.probe(model, 256, seed=1))
+    assert any("residual" in b for b in bad), bad
 
 
 def test_reproduce_reuses_its_checkpoint_only_for_the_same_data(tmp_path, capsys, monkeypatch):

@@ -101,19 +101,38 @@ def test_quick_training_lowers_the_loss(small_data, implicit):
     assert losses[-1] < losses[0]
 
 
+def trend_failures(error, L, residual):
+    """What is wrong with an LP scaling probe, t = 0..12 (empty: nothing): the error falls
+    to <= 0.6x its t = 0 value and is not above its t = 1 value at the end; L_t rises >= 1.5x
+    from t = 1 for some feature; the residual ||G(y_t) - y_t|| falls to <= 0.3x its t = 0
+    value and ends below its t = 1 value."""
+    bad = []
+    if not (error[-1] <= 0.6 * error[0] and error[-1] <= error[1] + 0.01):
+        bad.append(f"error {error[0]:.3f} (t = 0), {error[1]:.3f} (t = 1) -> {error[-1]:.3f}")
+    rise = max(L[f][-1] / max(L[f][1], 1e-12) for f in lp.FEATURES)
+    if not rise >= 1.5:
+        bad.append(f"L_t rose at most {rise:.2f}x from t = 1")
+    if not (residual[-1] <= 0.3 * residual[0] and residual[-1] <= residual[1]):
+        bad.append(f"residual {residual[0]:.3g} (t = 0), {residual[1]:.3g} (t = 1) -> {residual[-1]:.3g}")
+    return bad
+
+
 def test_reproduce_lp_quick_writes_results_and_png(tmp_path, capsys):
     assert main(["reproduce", "lp", "--quick", "--table", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| t | error |" in out and "Table 1 analogue" in out
+    assert "| t | error |" in out and "| residual |" in out and "Table 1 analogue" in out
     res = json.loads((tmp_path / "results.json").read_text())
-    for key in ("t", "error", "L", "params", "table"):
+    for key in ("t", "error", "L", "residual", "params", "table"):
         assert key in res
-    assert res["t"] == list(range(13)) and len(res["error"]) == 13
+    assert res["t"] == list(range(13)) and len(res["error"]) == 13 and len(res["residual"]) == 13
     assert set(res["L"]) == set(lp.FEATURES)
     for name in lp.FEATURES:
         assert len(res["L"][name]) == 13 and res["L"][name][0] == 0.0
         assert all(math.isfinite(v) for v in res["L"][name])
-    assert all(math.isfinite(v) and v >= 0 for v in res["error"])
+    assert all(math.isfinite(v) and v >= 0 for v in res["error"] + res["residual"])
+    # the trend: error falls, L_t rises, the iteration moves less and less
+    bad = trend_failures(res["error"], res["L"], res["residual"])
+    assert bad == [], bad
     assert [r["embedding"] for r in res["table"]] == [4, 8, 16, 32]
     for r in res["table"]:
         assert r["implicit_params"] == lp.PAPER_TABLE[r["embedding"]]["implicit_params"]
@@ -122,3 +141,18 @@ def test_reproduce_lp_quick_writes_results_and_png(tmp_path, capsys):
     png = tmp_path / "lp_scaling.png"
     assert png.exists() and png.stat().st_size > 1000
     assert (tmp_path / "lp_data.pt").exists()  # cached for the next run
+
+    # the checks fail an untrained model, and the trained one made expansive in y
+    train, test = lp.load_or_make_data(tmp_path, 60, 16, 0)
+    torch.manual_seed(0)
+    model = lp.LPGNN(16, implicit=True)
+    _, error, L, residual = lp.scaling_probe(model, test, t_max=12, n_dirs=2)
+    bad = trend_failures(error, L, residual)
+    assert any("error" in b for b in bad) and any("L_t" in b for b in bad), bad
+    model.load_state_dict(torch.load(tmp_path / "implicit_d16_quick.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        model.yfeat[0].weight.mul_(3.0)
+        model.convs[1].upd[0].weight.mul_(3.0)
+    _, error, L, residual = lp.scaling_probe(model, test, t_max=12, n_dirs=2)
+    bad = trend_failures(error, L, residual)
+    assert any("residual" in b for b in bad) and any("error" in b for b in bad), bad

@@ -26,7 +26,7 @@ import torch
 
 from ..cli import output_dir, positive_int, seed_int
 from ..loop import solve
-from ..scaling import ScalingCurve, plot_scaling_curve, scaling_curve
+from ..scaling import ScalingCurve, scaling_curve
 from . import distributed
 
 EVAL_TS = (1, 2, 5, 10, 20, 50, 100)
@@ -145,20 +145,73 @@ def truncated_forward(G: Callable, x: torch.Tensor, z0: torch.Tensor, T: int, k:
     return z
 
 
+class ContractionPenalty:
+    """Contraction-aware loss: ``weight * mean_b relu(sigma_b - rho)^2`` with sigma_b the
+    spectral norm of dG/dz at sample b's last training iterate z_T.
+
+    sigma_b is found by power iteration on J^T J (J = dG/dz at z_T; a forward-mode JVP and
+    a VJP per step), warm-started from a vector kept per training sample, so that the few
+    steps taken at each visit of a sample add up over training; the last factor
+    ``||J v||`` is differentiable in G's parameters. ``sigma < 1`` along the trajectory
+    makes ``||G(y_{t+1}) - y_{t+1}|| <= sigma ||G(y_t) - y_t||`` there: the residual
+    cannot grow, whatever the horizon. (A penalty on the spectral radius alone, e.g. the
+    growth of the Picard residual, leaves transient growth of a non-normal J.)
+
+    Call as ``penalty(G, x, z, idx)``; ``idx`` are the samples' rows in the training set.
+    ``last_sigma`` holds the batch's estimates (detached) after each call.
+    """
+
+    def __init__(self, n_samples: int, state_shape, *, rho: float, weight: float, n_power: int = 1,
+                 seed: int = 0):
+        if not 0 < rho:
+            raise ValueError(f"rho must be > 0, got {rho!r}")
+        g = torch.Generator().manual_seed(seed)
+        self.v = torch.randn((n_samples,) + tuple(state_shape), generator=g)
+        self.rho, self.weight, self.n_power = float(rho), float(weight), int(n_power)
+        self.last_sigma: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _unit(v: torch.Tensor) -> torch.Tensor:
+        n = torch.linalg.vector_norm(v.flatten(1), dim=1).clamp_min(1e-30)
+        return v / n.view((-1,) + (1,) * (v.dim() - 1))
+
+    def __call__(self, G: Callable, x: torch.Tensor, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        z = z.detach()
+        f = lambda zz: G(zz, x)  # noqa: E731
+        v = self._unit(self.v[idx].to(z))
+        for _ in range(self.n_power):
+            with torch.enable_grad():
+                zr = z.clone().requires_grad_(True)
+                fz = f(zr)
+            with torch.no_grad():
+                _, jv = torch.func.jvp(f, (z,), (v,))
+            (jtjv,) = torch.autograd.grad(fz, zr, jv)
+            v = self._unit(jtjv.detach())
+        self.v[idx] = v.detach().to(self.v.dtype)
+        _, jv = torch.func.jvp(f, (z,), (v,))  # differentiable in G's parameters
+        sigma = torch.linalg.vector_norm(jv.flatten(1), dim=1)
+        self.last_sigma = sigma.detach()
+        return self.weight * torch.relu(sigma - self.rho).pow(2).mean()
+
+
 class _TruncatedLoss(torch.nn.Module):
     """One training step's loss as a module forward (what DDP wraps: one forward per backward)."""
 
-    def __init__(self, G: torch.nn.Module, loss_fn, z0_fn, readout, k_grad: int):
+    def __init__(self, G: torch.nn.Module, loss_fn, z0_fn, readout, k_grad: int, regularizer=None):
         super().__init__()
         self.G = G
         if isinstance(readout, torch.nn.Module) and readout is not G:
             self.readout_module = readout  # registered, so that DDP syncs its parameters too
         self.loss_fn, self.z0_fn, self.readout, self.k_grad = loss_fn, z0_fn, readout, k_grad
+        self.regularizer = regularizer
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, T: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, T: int, idx: torch.Tensor) -> torch.Tensor:
         z = truncated_forward(self.G, x, self.z0_fn(x), T, self.k_grad)
         pred = z if self.readout is None else self.readout(z)
-        return self.loss_fn(pred, y)
+        loss = self.loss_fn(pred, y)
+        if self.regularizer is not None:
+            loss = loss + self.regularizer(self.G, x, z, idx)
+        return loss
 
 
 def train(
@@ -178,8 +231,12 @@ def train(
     seed: int = 0,
     clip: float = 1.0,
     desc: str = "train",
+    regularizer: Optional[Callable[..., torch.Tensor]] = None,
 ) -> List[float]:
     """Adam + cosine decay, T ~ U[t_range) per step, gradient through the last k_grad steps.
+
+    ``regularizer(G, x, z_T, idx)`` (optional, e.g. a :class:`ContractionPenalty`) is added
+    to the loss; ``idx`` are the minibatch's rows of ``x_train``.
 
     ``loss_fn`` must be a mean over samples. Under torch.distributed every rank draws the
     same minibatch and T, trains on its shard of the minibatch (DDP averages the
@@ -191,7 +248,7 @@ def train(
     n = x_train.shape[0]
     nb = min(batch, n)
     check_world_size(nb)
-    step = distributed.wrap(_TruncatedLoss(G, loss_fn, z0_fn, readout, k_grad))
+    step = distributed.wrap(_TruncatedLoss(G, loss_fn, z0_fn, readout, k_grad, regularizer))
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
     part = distributed.shard(nb)
@@ -203,7 +260,7 @@ def train(
         T = int(torch.randint(t_range[0], t_range[1], (1,), generator=gen))
         if distributed.is_distributed():
             idx = idx[part]
-        loss = step(x_train[idx], y_train[idx], T)
+        loss = step(x_train[idx], y_train[idx], T, idx)
         if distributed.is_distributed():
             loss = loss * weight
         opt.zero_grad(set_to_none=True)
@@ -213,7 +270,11 @@ def train(
         sched.step()
         losses.append(distributed.average(loss.detach()))
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", T=T)
+            post = {"loss": f"{losses[-1]:.4f}", "T": T}
+            sigma = getattr(regularizer, "last_sigma", None)
+            if sigma is not None:
+                post["sigma"] = f"{float(sigma.max()):.3f}"
+            bar.set_postfix(**post)
     return losses
 
 
@@ -423,6 +484,39 @@ def evaluate(G, x, target, metric, *, z0, readout=None, directions, eps=0.05, ts
     return ScalingCurve(**distributed.reduce_shards(n, stats, how))
 
 
+def metric_and_residual(G, x, target, metric, *, z0, readout=None, ts: Sequence[int] = EVAL_TS,
+                        dtype=None) -> Dict[str, List[float]]:
+    """``metric(readout(y_t), target)`` and the largest fixed-point residual
+    ``||G(y_t, x) - y_t||`` over samples at each t in ``ts``: the plain iteration, no
+    probes (cheaper than :func:`evaluate` when L_t is probed on a subset of the samples).
+    Also ``residual_every_t``: the largest residual at every t = 1..max(ts).
+
+    Under torch.distributed each rank takes its shard of the samples; shards combine as in
+    :func:`evaluate` (metric: sample-weighted mean, residual: max).
+    """
+    ts = sorted(int(t) for t in ts)
+    n = x.shape[0]
+    part = distributed.shard(n) if distributed.is_distributed() else slice(0, n)
+    k = part.stop - part.start
+    stats = None
+    if k > 0:
+        xs, ys, z = x[part], target[part], z0[part]
+        if dtype is not None:
+            xs, ys, z = xs.to(dtype), ys.to(dtype), z.to(dtype)
+        metric_t, every = [], []
+        with torch.no_grad():
+            fz = G(z, xs)
+            for t in range(1, ts[-1] + 1):
+                z = fz
+                fz = G(z, xs)
+                every.append(torch.linalg.vector_norm((fz - z).flatten(1), dim=1).max())
+                if t in ts:
+                    metric_t.append(float(metric(z if readout is None else readout(z), ys)))
+        every = torch.stack(every).tolist()
+        stats = {"metric": metric_t, "residual": [every[t - 1] for t in ts], "residual_every_t": every}
+    return distributed.reduce_shards(k, stats, {"metric": "mean", "residual": "max", "residual_every_t": "max"})
+
+
 def report(out: Path, case: str, curve: ScalingCurve, *, title: str, extra: Dict, log_metric: bool = False,
            extra_columns: Optional[Dict[str, List[float]]] = None) -> Dict:
     """Print the markdown table, write results.json (with ``world_size``) and scaling.png in
@@ -442,10 +536,7 @@ def report(out: Path, case: str, curve: ScalingCurve, *, title: str, extra: Dict
         return results
     (out / "results.json").write_text(json.dumps(results, indent=2))
     extra_L = {c: v for c, v in cols.items() if c.startswith("L_t")}
-    if extra_L:
-        plot_with_extra_L(curve, out / "scaling.png", extra_L, title=title, log_metric=log_metric)
-    else:
-        plot_scaling_curve(curve, out / "scaling.png", title=title, log_metric=log_metric)
+    plot_with_extra_L(curve, out / "scaling.png", extra_L, title=title, log_metric=log_metric)
     print(f"wrote {out / 'results.json'} and {out / 'scaling.png'}")
     return results
 
@@ -459,19 +550,20 @@ def eval_loss(G, loss_fn, x, y, *, z0_fn, readout=None, T: int = 10) -> float:
 
 def plot_with_extra_L(curve: ScalingCurve, path, extra_L: Dict[str, List[float]], *, title: str,
                       log_metric: bool = False) -> None:
-    """Like :func:`imp_fast.plot_scaling_curve`, with more L_t series on the left axis."""
+    """Two panels: like :func:`imp_fast.plot_scaling_curve` (with more L_t series on the
+    left axis) on the left; the fixed-point residual ||G(y_t, x) - y_t|| against t on the right."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    fig = Figure(figsize=(10, 4.0), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2, 1)
     ax.plot(curve.t, curve.L, "o-", color="tab:blue", ms=3, label=f"L_t ({curve.reduce})")
     for (name, L), c in zip(extra_L.items(), ("tab:green", "tab:purple", "tab:orange")):
         ax.plot(curve.t, L, "^-", color=c, ms=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("iterations t")
-    ax.set_ylabel("empirical Lipschitz L_t (max)")
+    ax.set_ylabel(f"empirical Lipschitz L_t ({curve.reduce})")
     ax.grid(True, which="both", alpha=0.3)
     ax2 = ax.twinx()
     ax2.plot(curve.t, curve.metric, "s--", color="tab:red", ms=3, label=curve.metric_name)
@@ -482,6 +574,14 @@ def plot_with_extra_L(curve: ScalingCurve, path, extra_L: Dict[str, List[float]]
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize="small")
-    ax.set_title(title, fontsize="medium")
+    ax3 = fig.add_subplot(1, 2, 2)
+    res = [r if r is not None and r > 0 else float("nan") for r in curve.residual]
+    ax3.plot(curve.t, res, "s-", color="tab:gray", ms=3)
+    ax3.set_xscale("log")
+    ax3.set_yscale("log")
+    ax3.set_xlabel("iterations t")
+    ax3.set_ylabel("residual ||G(y_t, x) - y_t|| (max)")
+    ax3.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -12,7 +12,8 @@ through the last 6 loops (the first T - 6 loops run without a graph).
 
 Probe: flip one input token (a random cell to a random different token); separation =
 Hamming distance between the predicted output sequences of the original and flipped
-inputs, per t. Also token and sequence accuracy per t.
+inputs, per t. Also token and sequence accuracy per t, and the fixed-point residual
+||G(z_t, e) - z_t|| (largest over the rows).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -147,15 +148,21 @@ class LoopedTransformer(nn.Module):
         return self.readout(z)
 
     def logits_per_t(self, tokens: torch.Tensor, ts=TS) -> Dict[int, torch.Tensor]:
-        out = {}
+        return self.loops(tokens, ts)[0]
+
+    def loops(self, tokens: torch.Tensor, ts=TS) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+        """Logits after t loops and the fixed-point residual ||G(z_t, e) - z_t|| per row
+        (norm over cells and channels) for each t in ``ts``, no grad."""
+        logits, residual = {}, {}
         with torch.no_grad():
             e = self.embed(tokens)
             z = torch.zeros_like(e)
             for t in range(1, max(ts) + 1):
                 z = self.G(z, e)
                 if t in ts:
-                    out[t] = self.readout(z)
-        return out
+                    logits[t] = self.readout(z)
+                    residual[t] = torch.linalg.vector_norm((self.G(z, e) - z).flatten(1), dim=1)
+        return logits, residual
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,14 +225,15 @@ def probe(model: LoopedTransformer, n: int, seed: int, ts=TS):
     k = part.stop - part.start
     stats = _probe_rows(model, tok[part], tok2[part], ts) if k > 0 else None
     how = {"token_accuracy": "mean", "sequence_accuracy": "mean", "separation": "mean",
-           "target_separation": "mean"}
+           "target_separation": "mean", "residual": "max"}
     return dict(t=list(ts), **distributed.reduce_shards(k, stats, how))
 
 
 def _probe_rows(model: LoopedTransformer, tok: torch.Tensor, tok2: torch.Tensor, ts) -> Dict[str, object]:
     lab = reachability_labels(tok)
     model.eval()
-    a, b = model.logits_per_t(tok, ts), model.logits_per_t(tok2, ts)
+    a, res = model.loops(tok, ts)
+    b = model.logits_per_t(tok2, ts)
     tok_acc, seq_acc, sep = [], [], []
     for t in ts:
         pa, pb = (a[t] > 0).long(), (b[t] > 0).long()
@@ -233,16 +241,18 @@ def _probe_rows(model: LoopedTransformer, tok: torch.Tensor, tok2: torch.Tensor,
         seq_acc.append(float((pa == lab).all(1).float().mean()))
         sep.append(float((pa != pb).sum(1).float().mean()))
     true_sep = float((reachability_labels(tok2) != lab).sum(1).float().mean())
-    return dict(token_accuracy=tok_acc, sequence_accuracy=seq_acc, separation=sep, target_separation=true_sep)
+    return dict(token_accuracy=tok_acc, sequence_accuracy=seq_acc, separation=sep, target_separation=true_sep,
+                residual=[float(res[t].max()) for t in ts])
 
 
 def plot(path: Path, res, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 3.8))
+    with_residual = "residual" in res
+    fig = Figure(figsize=(10, 3.8) if with_residual else (6.5, 3.8))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2, 1) if with_residual else fig.add_subplot(1, 1, 1)
     ax.plot(res["t"], res["token_accuracy"], "o-", label="token accuracy", color="C0")
     ax.plot(res["t"], res["sequence_accuracy"], "s-", label="sequence accuracy", color="C2")
     ax.set_xscale("log", base=2)
@@ -257,6 +267,14 @@ def plot(path: Path, res, title: str) -> None:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
+    if with_residual:
+        ax3 = fig.add_subplot(1, 2, 2)
+        ax3.plot(res["t"], res["residual"], "s-", color="C7", ms=4)
+        ax3.set_xscale("log", base=2)
+        ax3.set_yscale("log")
+        ax3.set_xlabel("loops t")
+        ax3.set_ylabel("residual ||G(z_t, e) - z_t|| (max over rows)")
+        ax3.grid(alpha=0.3, which="both")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -293,11 +311,13 @@ def run(args: argparse.Namespace) -> int:
     res = probe(model, 256 if quick else 2000, seed=args.seed + 1)
     print(f"\nLooped transformer, segment reachability ({N_CELLS} cells), {256 if quick else 2000} test rows; "
           f"separation = mean Hamming distance between outputs after flipping one input token "
-          f"(true labels differ in {res['target_separation']:.2f} cells on average)")
-    print("| t | token accuracy | sequence accuracy | separation |")
-    print("|---:|---:|---:|---:|")
+          f"(true labels differ in {res['target_separation']:.2f} cells on average); residual = max over rows "
+          f"of ||G(z_t, e) - z_t|| (norm over cells and channels)")
+    print("| t | token accuracy | sequence accuracy | separation | residual |")
+    print("|---:|---:|---:|---:|---:|")
     for i, t in enumerate(res["t"]):
-        print(f"| {t} | {res['token_accuracy'][i]:.3f} | {res['sequence_accuracy'][i]:.3f} | {res['separation'][i]:.2f} |")
+        print(f"| {t} | {res['token_accuracy'][i]:.3f} | {res['sequence_accuracy'][i]:.3f} | "
+              f"{res['separation'][i]:.2f} | {res['residual'][i]:.3g} |")
     if not distributed.is_rank0():
         return 0
     png = out / "looped_transformer_scaling.png"

@@ -402,20 +402,22 @@ def evaluate_error(model: LPGNN, data, T: int = 8) -> float:
 
 
 def scaling_probe(model: LPGNN, data, t_max: int = 12, n_dirs: int = 4, eps: float = 0.1, seed: int = 0):
-    """Error and L_t per perturbed feature group for t = 0..t_max (t = 0: y_0 = 0, L_0 = 0).
+    """Error, L_t per perturbed feature group and the fixed-point residual for t = 0..t_max
+    (t = 0: y_0 = 0, L_0 = 0). Returns ``(ts, errors, L, residual)``; ``residual[t]`` is
+    the largest ``||G(y_t, x) - y_t||`` over the LPs (scaled units).
 
     Under torch.distributed each rank probes its shard of the LPs (same directions on
-    every rank); errors are combined as sample-weighted means, L_t as maxima."""
+    every rank); errors are combined as sample-weighted means, L_t and residuals as maxima."""
     if not distributed.is_distributed():
         return _scaling_probe(model, data, t_max, n_dirs, eps, seed)
     part = distributed.shard(data["y"].shape[0])
     k = part.stop - part.start
     stats = None
     if k > 0:
-        ts, errors, L = _scaling_probe(model, subset(data, part), t_max, n_dirs, eps, seed)
-        stats = {"t": ts, "error": errors, "L": L}
-    got = distributed.reduce_shards(k, stats, {"t": "first", "error": "mean", "L": "max"})
-    return got["t"], got["error"], got["L"]
+        ts, errors, L, residual = _scaling_probe(model, subset(data, part), t_max, n_dirs, eps, seed)
+        stats = {"t": ts, "error": errors, "L": L, "residual": residual}
+    got = distributed.reduce_shards(k, stats, {"t": "first", "error": "mean", "L": "max", "residual": "max"})
+    return got["t"], got["error"], got["L"], got["residual"]
 
 
 def _scaling_probe(model: LPGNN, data, t_max: int, n_dirs: int, eps: float, seed: int):
@@ -423,7 +425,9 @@ def _scaling_probe(model: LPGNN, data, t_max: int, n_dirs: int, eps: float, seed
 
     model.eval()
     x = flat_features(data)
-    ys = model.trajectory(x, data["rows"], data["cols"], t_max)
+    ys = model.trajectory(x, data["rows"], data["cols"], t_max + 1)  # y_{t+1} = G(y_t): residual at t_max too
+    residual = [float((ys[t + 1] - ys[t]).norm(dim=1).max()) for t in range(t_max + 1)]
+    ys = ys[:t_max + 1]
     errors = [lp_error(y, data["y"]) for y in ys]
     md = copy.deepcopy(model).double()
     rows, cols = data["rows"], data["cols"]
@@ -440,20 +444,28 @@ def _scaling_probe(model: LPGNN, data, t_max: int, n_dirs: int, eps: float, seed
         tr = lipschitz_trace(G, x.double(), directions=dirs, eps=eps, t_max=t_max,
                              z0=torch.zeros(B, N_VARS, dtype=torch.float64), reduce="max", dtype=torch.float64)
         L[name] = [0.0] + [float(v) for v in tr.L]
-    return list(range(t_max + 1)), errors, L
+    return list(range(t_max + 1)), errors, L, residual
 
 
-def plot(path: Path, ts, errors, L, title: str) -> None:
+def plot(path: Path, ts, errors, L, title: str, residual: Optional[Sequence[float]] = None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.6))
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    ax1.plot(ts, errors, "o-", color="C3")
+    ax1.plot(ts, errors, "o-", color="C3", label="test error")
     ax1.set_xlabel("iterations t")
-    ax1.set_ylabel("test error ||y-y*||/(||y*||+1)")
+    ax1.set_ylabel("test error ||y-y*||/(||y*||+1)", color="C3")
     ax1.grid(alpha=0.3)
+    if residual is not None:
+        ax1r = ax1.twinx()
+        ax1r.plot(ts, residual, "s--", color="C7", ms=3, label="residual ||G(y_t) - y_t|| (max)")
+        ax1r.set_yscale("log")
+        ax1r.set_ylabel("fixed-point residual (max)", color="C7")
+        h1, l1 = ax1.get_legend_handles_labels()
+        h2, l2 = ax1r.get_legend_handles_labels()
+        ax1.legend(h1 + h2, l1 + l2, fontsize=7)
     for name in FEATURES:
         ax2.plot(ts[1:], L[name][1:], "o-", label=f"L_t ({name})", ms=3)
     ax2.set_yscale("log")
@@ -476,7 +488,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also train implicit and explicit GNNs at embeddings 4, 8, 16, 32 (Table 1)")
     parser.add_argument("--embedding", type=positive_int, default=16,
                         help="embedding size of the scaling-curve model, >= 1 (default %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs, >= 1 (default 40, quick 2)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="training epochs, >= 1 (default 40; quick 20, its --table models 2)")
     parser.add_argument("--lr", type=positive_float, default=1e-2,
                         help="peak learning rate (one-cycle AdamW), > 0 (default %(default)s)")
 
@@ -490,7 +503,12 @@ def run(args: argparse.Namespace) -> int:
     out = common.prepare_out(args.out)
     quick = bool(args.quick)
     n_train, n_test = (60, 16) if quick else (1000, 200)
-    epochs = args.epochs if args.epochs is not None else (2 if quick else 40)
+    # quick: minibatches of 10 (6 steps per epoch over the 60 LPs) and 20 epochs, enough for
+    # the trend (error falls, L_t rises with t); the --table models, whose errors are not
+    # compared at quick scale, train 2 epochs there
+    batch = 10 if quick else 50
+    epochs = args.epochs if args.epochs is not None else (20 if quick else 40)
+    table_epochs = args.epochs if args.epochs is not None else (2 if quick else 40)
     d = args.embedding
     t_max = 12
     t_start = time.time()
@@ -502,25 +520,29 @@ def run(args: argparse.Namespace) -> int:
 
     def train_fn() -> List[float]:
         print(f"training implicit GNN (embedding {d}, {n_params(model)} params, {epochs} epochs)")
-        losses.extend(train_model(model, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"implicit d={d}"))
+        losses.extend(train_model(model, train, epochs=epochs, batch=batch, lr=args.lr, seed=args.seed,
+                                  tag=f"implicit d={d}"))
         return losses
 
-    meta = {"seed": args.seed, "embedding": d, "implicit": True, "epochs": epochs, "lr": args.lr, "n_train": n_train}
+    meta = {"seed": args.seed, "embedding": d, "implicit": True, "epochs": epochs, "lr": args.lr, "n_train": n_train,
+            "batch": batch}
     common.load_or_train(ckpt, model, train_fn, args.retrain, meta)
-    ts, errors, L = scaling_probe(model, test, t_max=t_max, n_dirs=2 if quick else 4, seed=args.seed)
+    ts, errors, L, residual = scaling_probe(model, test, t_max=t_max, n_dirs=2 if quick else 4, seed=args.seed)
 
     print(f"\nImplicit GNN (embedding {d}, {n_params(model)} params), {n_test} test LPs; "
           f"error = ||y - y*|| / (||y*|| + 1); L_t = max finite-difference ratio per perturbed feature "
-          f"(scaled units, eps 0.1, float64); t = 0 is y_0 = 0 (L_0 = 0)")
-    print("| t | error | " + " | ".join(f"L_t ({f})" for f in FEATURES) + " |")
-    print("|---:|---:|" + "---:|" * len(FEATURES))
+          f"(scaled units, eps 0.1, float64); residual = max over LPs of ||G(y_t, x) - y_t|| (scaled units); "
+          f"t = 0 is y_0 = 0 (L_0 = 0)")
+    print("| t | error | " + " | ".join(f"L_t ({f})" for f in FEATURES) + " | residual |")
+    print("|---:|---:|" + "---:|" * len(FEATURES) + "---:|")
     for i, t in enumerate(ts):
-        print(f"| {t} | {errors[i]:.3f} | " + " | ".join(f"{L[f][i]:.3g}" for f in FEATURES) + " |")
+        print(f"| {t} | {errors[i]:.3f} | " + " | ".join(f"{L[f][i]:.3g}" for f in FEATURES)
+              + f" | {residual[i]:.3g} |")
 
     results = {
         "case": "lp", "quick": quick, "seed": args.seed, "embedding": d, "params": n_params(model),
         "n_train": n_train, "n_test": n_test, "epochs": epochs, "train_loss": losses,
-        "t": ts, "error": errors, "L": L,
+        "t": ts, "error": errors, "L": L, "residual": residual,
     }
 
     if args.table:
@@ -531,11 +553,11 @@ def run(args: argparse.Namespace) -> int:
                 torch.manual_seed(args.seed)
                 mdl = LPGNN(dd, implicit=(kind == "implicit"))
                 path = out / f"table_{kind}_d{dd}{'_quick' if quick else ''}.pt"
-                meta = {"seed": args.seed, "embedding": dd, "implicit": kind == "implicit", "epochs": epochs,
-                        "lr": args.lr, "n_train": n_train}
+                meta = {"seed": args.seed, "embedding": dd, "implicit": kind == "implicit", "epochs": table_epochs,
+                        "lr": args.lr, "n_train": n_train, "batch": batch}
                 info = common.load_or_train(path, mdl, lambda: train_model(
-                    mdl, train, epochs=epochs, lr=args.lr, seed=args.seed, tag=f"{kind} d={dd}", log=print),
-                    args.retrain, meta)
+                    mdl, train, epochs=table_epochs, batch=batch, lr=args.lr, seed=args.seed, tag=f"{kind} d={dd}",
+                    log=print), args.retrain, meta)
                 if info["trained"]:
                     row[f"{kind}_train_s"] = round(info["train_seconds"], 1)
                 row[f"{kind}_params"] = n_params(mdl)
@@ -562,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
     results["wall_s"] = round(time.time() - t_start, 1)
     if not distributed.is_rank0():
         return 0
-    plot(png, ts, errors, L, f"LP, implicit GNN (embedding {d}): error and L_t vs iterations")
+    plot(png, ts, errors, L, f"LP, implicit GNN (embedding {d}): error and L_t vs iterations", residual=residual)
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {out / 'results.json'} and {png} ({results['wall_s']} s)")
