@@ -11,7 +11,11 @@
 // chunk size and a fixed number of accumulator lanes, and partials are combined in
 // order, so results do not depend on the thread count. Storage dtypes: float64,
 // float32, float16, bfloat16; accumulation in at::opmath_type (float64 for float64,
-// else float32).
+// else float32). The numerical rules are the reference backend's (its module
+// docstring): norms are scale-safe (a sample whose fast sum of squares left the range
+// where it is exact to rounding is recomputed in double / with scaling), an update
+// that overflows the storage type flags the sample NONFINITE without writing it, and
+// the small Anderson system is solved in double.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -25,8 +29,10 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "step_common.h"
 
 namespace imp_fast {
@@ -88,16 +94,6 @@ inline a_t dot_lanes(const s_t* x, const a_t* y, int64_t n) {
   return lane_sum(s);
 }
 
-template <typename a_t>
-inline a_t sum_lanes(const a_t* x, int64_t n) {
-  a_t s[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) s[k] += x[j + k];
-  for (int k = 0; j < n; ++j, ++k) s[k] += x[j];
-  return lane_sum(s);
-}
-
 // One pass over a chunk of a sample running at entry: residual sums sg = sum (fz - z)^2
 // and sf = sum fz^2 (the step's head), F_slot = fz and G_slot = fz - z (Fb/Gb: the
 // sample's (m, D) buffers at the chunk offset), then the chunk's partial Gram row
@@ -152,17 +148,26 @@ inline void combine(const s_t* Xb, const a_t* al, int64_t m, int64_t D, int64_t 
   }
 }
 
-// out[0:n] = sum_i al[i] (F_i - (1 - beta) G_i) over one chunk (gacc is scratch);
-// returns the sum of out (the finiteness probe).
+// Whether every x[0:n] rounds to a finite value of the storage type s_t.
 template <typename s_t, typename a_t>
-IMP_FAST_HOT a_t mix_into(const s_t* Fb, const s_t* Gb, const a_t* al, a_t one_m_beta, int64_t m,
-                          int64_t D, int64_t n, a_t* out, a_t* gacc) {
+IMP_FAST_HOT bool storable(const a_t* x, int64_t n) {
+  const a_t lim = static_cast<a_t>(StorageMax<s_t>::value);
+  int bad = 0;
+  for (int64_t j = 0; j < n; ++j) bad |= !(std::abs(x[j]) <= lim);
+  return bad == 0;
+}
+
+// out[0:n] = sum_i al[i] (F_i - (1 - beta) G_i) over one chunk (gacc is scratch);
+// returns whether all of out is storable (finite once rounded to s_t).
+template <typename s_t, typename a_t>
+IMP_FAST_HOT bool mix_into(const s_t* Fb, const s_t* Gb, const a_t* al, a_t one_m_beta, int64_t m,
+                           int64_t D, int64_t n, a_t* out, a_t* gacc) {
   combine(Fb, al, m, D, n, out);
   if (one_m_beta != a_t(0)) {
     combine(Gb, al, m, D, n, gacc);
     for (int64_t j = 0; j < n; ++j) out[j] -= one_m_beta * gacc[j];
   }
-  return sum_lanes(out, n);
+  return storable<s_t>(out, n);
 }
 
 // z <- z + beta (fz - z) over n elements; exactly fz when beta is 1 (as the reference).
@@ -195,13 +200,56 @@ inline Shape shape_of(const at::Tensor& z) {
   return s;
 }
 
+// ||fz - z|| and ||fz|| of one sample of n elements, scale-safe, in double: float32
+// and narrower values are accumulated in double (their squares can neither overflow
+// nor underflow there); double values are divided by their largest magnitude first.
+// A NaN gives NaN, an infinity +inf.
+template <typename Get>
+double scaled_norm(int64_t n, Get get) {
+  double mx = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double a = std::abs(get(j));
+    if (std::isnan(a)) return a;
+    if (a > mx) mx = a;
+  }
+  if (mx == 0.0 || std::isinf(mx)) return mx;
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = get(j) / mx;
+    s += v * v;
+  }
+  return mx * std::sqrt(s);
+}
+
+template <typename s_t>
+void safe_norms(const s_t* z, const s_t* fz, int64_t n, double& ng, double& nf) {
+  if (std::is_same<s_t, double>::value) {
+    ng = scaled_norm(n, [&](int64_t j) { return static_cast<double>(fz[j]) - static_cast<double>(z[j]); });
+    nf = scaled_norm(n, [&](int64_t j) { return static_cast<double>(fz[j]); });
+    return;
+  }
+  double sg = 0, sf = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double f = static_cast<double>(fz[j]);
+    const double d = f - static_cast<double>(z[j]);
+    sg += d * d;
+    sf += f * f;
+  }
+  ng = std::sqrt(sg);
+  nf = std::sqrt(sf);
+}
+
 // Per-sample heads from the (sample, chunk) partial sums pg, pf of the samples running at
 // entry, in chunk order (deterministic); flags[b] as sample_head returns them (0 for
-// samples frozen at entry).
-template <typename a_t>
-void finish_heads(int64_t B, int64_t nc, const std::vector<a_t>& pg, const std::vector<a_t>& pf,
-                  int8_t* status, int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
-                  a_t* best_abs, a_t* best_rel, const StepScalars<a_t>& c, std::vector<uint8_t>& flags) {
+// samples frozen at entry), plus kCheck when the sample moves and its damped update
+// could overflow the storage type. A sum outside the range where the fast float
+// accumulation is exact to rounding is recomputed scale-safely from z and fz (rare:
+// residuals near the dtype's limits, or exactly zero).
+template <typename s_t, typename a_t>
+void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, const std::vector<a_t>& pf,
+                  const s_t* z, const s_t* fz, int8_t* status, int32_t* n_iter, a_t* abs_res, a_t* rel_res,
+                  const a_t* abs0, a_t* best_abs, a_t* best_rel, const StepScalars<a_t>& c,
+                  std::vector<uint8_t>& flags) {
   flags.assign(B, 0);
   for (int64_t b = 0; b < B; ++b) {
     if (status[b] != 0) continue;
@@ -210,12 +258,25 @@ void finish_heads(int64_t B, int64_t nc, const std::vector<a_t>& pg, const std::
       sg += pg[b * nc + ch];
       sf += pf[b * nc + ch];
     }
-    flags[b] = sample_head<a_t>(sg, sf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c);
+    a_t abs_r, nf;
+    if (sum_in_range(sg) && sum_in_range(sf)) {
+      abs_r = std::sqrt(sg);
+      nf = std::sqrt(sf);
+    } else {
+      double ng, nfd;
+      safe_norms(z + b * D, fz + b * D, D, ng, nfd);
+      abs_r = static_cast<a_t>(ng);
+      nf = static_cast<a_t>(nfd);
+    }
+    uint8_t fl = sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c);
+    if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta)) fl |= kCheck;
+    flags[b] = fl;
   }
 }
 
 // Partials of phase 1 (per sample and chunk) -> per-sample status head.
-// flags[b]: bit0 running at entry, bit1 better (best tracking), bit2 still running.
+// flags[b]: bit0 running at entry, bit1 better (best tracking), bit2 still running,
+// bit3 update to check.
 template <typename s_t, typename a_t>
 void head(const Shape& s, const s_t* z, const s_t* fz, int8_t* status, int32_t* n_iter,
           a_t* abs_res, a_t* rel_res, const a_t* abs0, a_t* best_abs, a_t* best_rel,
@@ -230,62 +291,34 @@ void head(const Shape& s, const s_t* z, const s_t* fz, int8_t* status, int32_t* 
       residual_sums(z + b * D + j0, fz + b * D + j0, n, pg[t], pf[t]);
     }
   });
-  finish_heads(B, nc, pg, pf, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, flags);
+  finish_heads(B, D, nc, pg, pf, z, fz, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, flags);
 }
 
-void check_state(const at::Tensor& z, const at::Tensor& fz, const at::Tensor& status,
-                 const at::Tensor& n_iter, const at::Tensor& abs_res, const at::Tensor& rel_res,
-                 const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
-                 const std::optional<at::Tensor>& best_abs,
-                 const std::optional<at::Tensor>& best_rel) {
-  TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "imp_fast: z must be a contiguous (B, D) tensor, got ",
-              z.sizes(), " contiguous=", z.is_contiguous());
-  TORCH_CHECK(fz.sizes() == z.sizes() && fz.scalar_type() == z.scalar_type() &&
-                  fz.device() == z.device(),
-              "imp_fast: fz must match z's shape ", z.sizes(), ", dtype ", z.scalar_type(),
-              " and device, got ", fz.sizes(), " ", fz.scalar_type(), " ", fz.device());
-  const int64_t B = z.size(0);
-  const auto cdt = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto vec = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == dt && t.is_contiguous() &&
-                    t.device() == z.device(),
-                "imp_fast: ", name, " must be a contiguous (", B, ",) ", dt, " tensor on ",
-                z.device(), ", got ", t.sizes(), " ", t.scalar_type());
-  };
-  vec(status, at::kChar, "status");
-  vec(n_iter, at::kInt, "n_iter");
-  vec(abs_res, cdt, "abs_res");
-  vec(rel_res, cdt, "rel_res");
-  vec(abs0, cdt, "abs0");
-  const bool has_best = best_z.has_value();
-  TORCH_CHECK(best_abs.has_value() == has_best && best_rel.has_value() == has_best,
-              "imp_fast: best_z, best_abs and best_rel must be given together");
-  if (has_best) {
-    TORCH_CHECK(best_z->sizes() == z.sizes() && best_z->scalar_type() == z.scalar_type() &&
-                    best_z->is_contiguous() && best_z->device() == z.device(),
-                "imp_fast: best_z must be a contiguous tensor like z");
-    vec(*best_abs, cdt, "best_abs");
-    vec(*best_rel, cdt, "best_rel");
-  }
+// Whether every entry of the damped update z + beta (f - z) of n elements is finite
+// once rounded to the storage type (the value damped() would store).
+template <typename s_t, typename a_t>
+bool damped_finite(const s_t* zb, const s_t* fb, a_t beta, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (!std::isfinite(static_cast<double>(damped(zb[j], fb[j], beta)))) return false;
+  return true;
 }
 
-void check_history(const at::Tensor& z, const at::Tensor& F, const at::Tensor& G,
-                   const at::Tensor& H, int64_t slot) {
-  const int64_t B = z.size(0), D = z.size(1);
-  TORCH_CHECK(F.dim() == 3 && F.size(0) == B && F.size(2) == D && F.is_contiguous() &&
-                  F.scalar_type() == z.scalar_type() && F.device() == z.device(),
-              "imp_fast: F must be a contiguous (B, m, D) tensor like z, got ", F.sizes());
-  const int64_t m = F.size(1);
-  TORCH_CHECK(m >= 1, "imp_fast: history size m must be >= 1");
-  TORCH_CHECK(G.sizes() == F.sizes() && G.is_contiguous() && G.scalar_type() == z.scalar_type() &&
-                  G.device() == z.device(),
-              "imp_fast: G must be a contiguous tensor like F, got ", G.sizes());
-  const auto cdt = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(H.dim() == 3 && H.size(0) == B && H.size(1) == m && H.size(2) == m &&
-                  H.is_contiguous() && H.scalar_type() == cdt && H.device() == z.device(),
-              "imp_fast: H must be a contiguous (B, m, m) ", cdt, " tensor, got ", H.sizes(), " ",
-              H.scalar_type());
-  TORCH_CHECK(slot >= 0 && slot < m, "imp_fast: slot must be in [0, ", m, "), got ", slot);
+// Samples flagged kCheck whose damped update overflows: NONFINITE, z and n_iter kept.
+template <typename s_t, typename a_t>
+void check_damped_updates(int64_t B, int64_t D, const s_t* z, const s_t* fz, a_t beta, int8_t* status,
+                          int32_t* n_iter, std::vector<uint8_t>& flags) {
+  bool any = false;
+  for (int64_t b = 0; b < B; ++b) any = any || (flags[b] & kCheck);
+  if (!any) return;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (!(flags[b] & kCheck)) continue;
+      if (!damped_finite(z + b * D, fz + b * D, beta, D)) {
+        flag_update_overflow(b, status, n_iter);
+        flags[b] &= static_cast<uint8_t>(~(kStill | kCheck));
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -316,6 +349,8 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
                    abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(),
                    opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), c, flags);
     const int64_t D = s.D, nc = s.nc;
+    check_damped_updates<s_t, a_t>(s.B, D, zp, fp, c.beta, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
+                                   flags);
     at::parallel_for(0, s.B * nc, s.grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / nc, ch = t % nc;
@@ -332,8 +367,9 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
 }
 
 // Solves (A) x = 1 for an m x m matrix (row-major, overwritten) by Gaussian
-// elimination with partial pivoting, in double. Returns false when singular (zero,
-// subnormal or non-finite pivot) or when the solution is not finite.
+// elimination with partial pivoting, in double. Returns false when singular (a zero or
+// non-finite pivot) or when the solution is not finite: the cases where LAPACK's
+// solution (the reference backend) is not finite.
 bool solve_ones(double* A, double* x, int64_t m) {
   for (int64_t i = 0; i < m; ++i) x[i] = 1.0;
   for (int64_t k = 0; k < m; ++k) {
@@ -346,7 +382,7 @@ bool solve_ones(double* A, double* x, int64_t m) {
         p = r;
       }
     }
-    if (!(best >= DBL_MIN) || !std::isfinite(best)) return false;
+    if (!(best > 0.0) || !std::isfinite(best)) return false;
     if (p != k) {
       for (int64_t cidx = 0; cidx < m; ++cidx) std::swap(A[k * m + cidx], A[p * m + cidx]);
       std::swap(x[k], x[p]);
@@ -410,7 +446,8 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       }
     });
     std::vector<uint8_t> flags;
-    finish_heads(B, nc, pg, pf, st_p, n_iter.data_ptr<int32_t>(), abs_res.data_ptr<a_t>(),
+    int32_t* ni_p = n_iter.data_ptr<int32_t>();
+    finish_heads(B, D, nc, pg, pf, static_cast<const s_t*>(zp), fp, st_p, ni_p, abs_res.data_ptr<a_t>(),
                  rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(), opt_ptr<a_t>(best_abs),
                  opt_ptr<a_t>(best_rel), c, flags);
 
@@ -430,10 +467,11 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
           Hb[i * m + slot] = r;
         }
         if (!(fl & kStill)) continue;
-        const a_t ridge = c.lam * Hb[slot * m + slot];
+        // float64 system: H widened, ridge lam * H_ss in float64 (as every backend)
+        const double ridge = lam * static_cast<double>(Hb[slot * m + slot]);
         for (int64_t i = 0; i < m; ++i)
           for (int64_t k = 0; k < m; ++k)
-            A[i * m + k] = static_cast<double>(i == k ? Hb[i * m + k] + ridge : Hb[i * m + k]);
+            A[i * m + k] = static_cast<double>(Hb[i * m + k]) + (i == k ? ridge : 0.0);
         if (!solve_ones(A.data(), x.data(), m)) continue;
         double sum = 0;
         for (int64_t i = 0; i < m; ++i) sum += x[i];
@@ -448,7 +486,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
     });
 
     // Phase 3 (still-running samples): mix, finiteness check, z update (Picard fallback).
-    auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc) -> a_t {
+    auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc) -> bool {
       return mix_into(Fp + b * m * D + off, Gp + b * m * D + off, alpha.data() + b * m, one_m_beta, m, D,
                       n, out, gacc);
     };
@@ -464,9 +502,11 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
           if (fl & kBetter) std::copy(zp + b * D, zp + (b + 1) * D, bz + b * D);
           if (!(fl & kStill)) continue;
           bool ok = solved[b] != 0;
-          if (ok) ok = std::isfinite(mix_chunk(b, 0, D, out.data(), gacc.data()));
+          if (ok) ok = mix_chunk(b, 0, D, out.data(), gacc.data());
           if (ok) {
             store(zp + b * D, out.data(), D);
+          } else if ((fl & kCheck) && !damped_finite(zp + b * D, fp + b * D, c.beta, D)) {
+            flag_update_overflow(b, st_p, ni_p);  // Picard fallback overflows: frozen
           } else {
             picard_chunk(b, 0, D);
           }
@@ -476,22 +516,26 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       // chunks of a sample on several threads: mixes in a workspace, then the write
       at::Tensor ws = at::empty({B, D}, z.options().dtype(c10::CppTypeToScalarType<a_t>::value));
       a_t* wp = ws.data_ptr<a_t>();
-      std::vector<a_t> psum(B * nc, a_t(0));
+      std::vector<uint8_t> pok(B * nc, 0);
       at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
         std::vector<a_t> gacc(kChunk);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = t / nc, ch = t % nc;
           if (!(flags[b] & kStill) || !solved[b]) continue;
           const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
-          psum[t] = mix_chunk(b, off, n, wp + b * D + off, gacc.data());
+          pok[t] = mix_chunk(b, off, n, wp + b * D + off, gacc.data()) ? 1 : 0;
         }
       });
       std::vector<uint8_t> ok(B, 0);
       for (int64_t b = 0; b < B; ++b) {
-        if (!(flags[b] & kStill) || !solved[b]) continue;
-        a_t sum = 0;
-        for (int64_t ch = 0; ch < nc; ++ch) sum += psum[b * nc + ch];
-        ok[b] = std::isfinite(sum) ? 1 : 0;
+        if (!(flags[b] & kStill)) continue;
+        bool all = solved[b] != 0;
+        for (int64_t ch = 0; all && ch < nc; ++ch) all = pok[b * nc + ch] != 0;
+        ok[b] = all ? 1 : 0;
+        if (!all && (flags[b] & kCheck) && !damped_finite(zp + b * D, fp + b * D, c.beta, D)) {
+          flag_update_overflow(b, st_p, ni_p);  // Picard fallback overflows: frozen
+          flags[b] &= static_cast<uint8_t>(~(kStill | kCheck));
+        }
       }
       at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {

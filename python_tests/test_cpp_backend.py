@@ -104,12 +104,14 @@ def _assert_states_close(a, b, dtype, m, entry_running):
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize("best", [False, True], ids=["nobest", "best"])
 @pytest.mark.parametrize("pattern", ["running", "mixed"])
-def test_anderson_step_matches_reference(dtype, D, m, best, pattern):
+@pytest.mark.parametrize("lam", [1e-4, 1e-2], ids=["lam_default", "lam_1e-2"])
+def test_anderson_step_matches_reference(dtype, D, m, best, pattern, lam):
+    # Every backend solves the small system in float64 (reference module docstring), so
+    # the default lam (1e-4) is compared too, in every dtype.
     warm = {1: 1, 2: 3, 5: 3, 8: 9}[m]  # partly and fully written ring buffers
     st, f, gen = _make_state(D, dtype, m, best, filled=warm, seed=D + m)
     fz = _statuses_and_fz(st, f, gen, pattern)
     entry_running = st.status == 0
-    lam = 1e-4 if dtype == torch.float64 else 1e-2  # reference solves in float32
     p = StepParams(tol=1e-30, beta=0.8 if pattern == "mixed" else 1.0, stop_rel=pattern == "mixed",
                    divergence=1e6, eps=1e-9, lam=lam)
     a, b = _clone_state(st), _clone_state(st)
@@ -333,6 +335,68 @@ def test_bad_inputs_raise_clear_errors():
         cpp.anderson_step(st, f(st.z), p, 5)
 
 
+def _bad(name):
+    """(field, replacement maker) pairs: each breaks one argument of the ops."""
+    return {
+        "z": lambda t: t.to(torch.int32),
+        "status": lambda t: t.to(torch.int32),
+        "n_iter": lambda t: t.to(torch.int64),
+        "abs_res": lambda t: t.double(),
+        "rel_res": lambda t: torch.zeros(2 * t.numel())[::2],  # not contiguous
+        "abs0": lambda t: t[:-1],  # wrong length
+        "best_z": lambda t: t.double(),
+        "best_abs": lambda t: t.double(),
+        "F": lambda t: t.double(),
+        "G": lambda t: t[:, :1].contiguous(),  # wrong m
+        "H": lambda t: t.transpose(1, 2),  # not contiguous
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["z", "status", "n_iter", "abs_res", "rel_res", "abs0", "best_z", "best_abs",
+                                  "F", "G", "H"])
+@pytest.mark.parametrize("entry", ["op", "fast"])
+def test_every_argument_is_checked(name, entry):
+    """Each tensor argument's dtype, shape, contiguity (and device, same check) is
+    validated by csrc/checks.h, shared by the CPU and CUDA ops: a clear error naming the
+    argument, never a bad read, and the state untouched."""
+    st, f, gen = _make_state(6, torch.float32, 3, True, filled=2)
+    p = StepParams(tol=1e-4, beta=1.0, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)
+    fz = f(st.z)
+    setattr(st, name, _bad(name)(getattr(st, name)))
+    before = {k: v.clone() for k, v in st.tensors().items() if v is not None}
+    with pytest.raises(RuntimeError, match=name if name != "best_abs" else "best_"):
+        if entry == "op":
+            cpp._anderson_op(st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0, st.best_z,
+                             st.best_abs, st.best_rel, st.F, st.G, st.H, 0, p.tol, p.beta, p.stop_rel,
+                             p.divergence, p.eps, p.lam)
+        else:
+            cpp.anderson_step(st, fz, p, 0)
+    for k, v in before.items():
+        assert torch.equal(getattr(st, k), v), k
+    if name not in ("F", "G", "H"):  # the Picard op checks the same state arguments
+        with pytest.raises(RuntimeError, match=name if name != "best_abs" else "best_"):
+            cpp._picard_op(st.z, fz if name != "z" else fz.to(torch.int32), st.status, st.n_iter, st.abs_res,
+                           st.rel_res, st.abs0, st.best_z, st.best_abs, st.best_rel, p.tol, p.beta, p.stop_rel,
+                           p.divergence, p.eps)
+
+
+@pytest.mark.parametrize("m", [1, 9, 65, 130])
+def test_cpu_op_accepts_any_history_size(m):
+    # No history limit on the CPU op (CUDA: shared memory up to m = 64, global memory
+    # beyond; Triton: fused up to 16, the reference step beyond). A linear map with
+    # m >= D + 1 is solved exactly by Anderson: check against float64 linear algebra.
+    D = 10
+    g = torch.Generator().manual_seed(m)
+    A = torch.randn(D, D, generator=g, dtype=torch.float64)
+    A = 0.7 * A / torch.linalg.matrix_norm(A, 2)
+    b = torch.randn(3, D, generator=g, dtype=torch.float64)
+    want = torch.linalg.solve(torch.eye(D, dtype=torch.float64) - A, b.T).T
+    r = imp_fast.solve(lambda z: z @ A.T + b, torch.zeros(3, D, dtype=torch.float64), m=m, tol=1e-12,
+                       max_iter=300, backend="cpp")
+    assert (r.status == imp_fast.Status.CONVERGED).all()
+    torch.testing.assert_close(r.z, want, rtol=1e-9, atol=1e-10)
+
+
 def test_registry():
     assert backend_status()["cpp"] is None
     be = get_backend("cpp", torch.device("cpu"))
@@ -397,3 +461,21 @@ def test_eager_fast_path_follows_a_replaced_state_tensor():
     cpp.anderson_step(st, f(st.z), p, 1)
     assert not torch.equal(st.z, z_before)  # the step moved the new z
     assert st.cache[("cpp", p)][0] is st.z
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_multi_chunk_samples_keep_the_numerical_rules(method):
+    """D > 4096 (several chunks per sample, on several threads): an update that overflows
+    float16 is caught on the whole sample before any chunk is written, and a float32
+    sum of squares that overflows is recomputed across all chunks."""
+    D = 9000
+    r = imp_fast.solve(lambda z: torch.full_like(z, 6e4), torch.zeros(2, D, dtype=torch.float16), method=method,
+                       beta=1.5, backend="cpp")
+    assert (r.status == imp_fast.Status.NONFINITE).all() and (r.n_iter == 0).all()
+    assert not r.z.any()
+    f = lambda z: 0.5 * z + 1e19
+    r1 = imp_fast.solve(f, torch.zeros(2, D), method=method, max_iter=1, backend="cpp")
+    torch.testing.assert_close(r1.abs_residual, torch.full((2,), 1e19 * D ** 0.5), rtol=1e-5, atol=0)
+    r = imp_fast.solve(f, torch.zeros(2, D), method=method, backend="cpp")
+    assert (r.status == imp_fast.Status.CONVERGED).all()
+    torch.testing.assert_close(r.z.double(), torch.full((2, D), 2e19, dtype=torch.float64), rtol=1e-3, atol=0)

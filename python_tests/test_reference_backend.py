@@ -141,3 +141,44 @@ def test_torch_compile_fullgraph_traces_the_plain_steps(method):
     compiled = torch.compile(run, fullgraph=True, backend="eager")(torch.zeros(4, 16))
     torch.testing.assert_close(compiled[0], eager[0])
     assert torch.equal(compiled[1], eager[1]) and torch.equal(compiled[2], eager[2])
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)], ids=["float64", "float32"])
+@pytest.mark.parametrize("beta", [1.0, 0.8])
+def test_steps_match_a_float64_hand_computation(dtype, rtol, beta):
+    """The ground truth itself, against numpy in float64 (not against another form of the
+    same code): one Picard and one Anderson step with a half-filled history."""
+    np = pytest.importorskip("numpy")
+    B, D, m, lam, eps = 3, 7, 3, 1e-3, 1e-9
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype)
+    fz = torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype)
+    Fh = torch.randn(B, 2, D, generator=gen, dtype=torch.float64).to(dtype)
+    Gh = torch.randn(B, 2, D, generator=gen, dtype=torch.float64).to(dtype)
+    p = StepParams(tol=1e-30, beta=beta, stop_rel=True, divergence=1e6, eps=eps, lam=lam)
+    zn, fn, Fn, Gn = (t.double().numpy() for t in (z, fz, Fh, Gh))
+
+    # Picard
+    st = LoopState.create(z.clone(), m=None, return_best=False)
+    reference.picard_step(st, fz, p)
+    g = fn - zn
+    np.testing.assert_allclose(st.abs_res.double().numpy(), np.linalg.norm(g, axis=1), rtol=rtol)
+    np.testing.assert_allclose(st.rel_res.double().numpy(),
+                               np.linalg.norm(g, axis=1) / (np.linalg.norm(fn, axis=1) + eps), rtol=rtol)
+    np.testing.assert_allclose(st.z.double().numpy(), zn + beta * g, rtol=rtol, atol=rtol)
+    assert st.n_iter.tolist() == [1] * B and st.status.tolist() == [0] * B
+
+    # Anderson, slot 2 of 3 (slots 0, 1 written)
+    st = LoopState.create(z.clone(), m=m, return_best=False)
+    st.F[:, :2], st.G[:, :2] = Fh, Gh
+    st.H[:, :2, :2] = (Gh.double() @ Gh.double().transpose(1, 2)).to(st.H.dtype)
+    reference.anderson_step(st, fz, p, 2)
+    for b in range(B):
+        Gb = np.concatenate([Gn[b], g[b][None]])
+        Fb = np.concatenate([Fn[b], fn[b][None]])
+        H = Gb @ Gb.T
+        x = np.linalg.solve(H + lam * H[2, 2] * np.eye(m), np.ones(m))
+        a = x / x.sum()
+        np.testing.assert_allclose(st.H[b].double().numpy(), H, rtol=rtol, atol=rtol * np.abs(H).max())
+        np.testing.assert_allclose(st.z[b].double().numpy(), a @ (Fb - (1 - beta) * Gb), rtol=rtol * 10,
+                                   atol=rtol * 10)

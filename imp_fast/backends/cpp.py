@@ -6,6 +6,14 @@ happen inside it (csrc/ops.cpp on CPU, csrc/cuda/ops.cu on CUDA when built with 
 The ops carry schemas that mark what they mutate, and fake kernels registered here,
 so they trace under ``torch.compile``.
 
+Numerical rules: the reference backend's (its module docstring): scale-safe norms (the
+fast float sums are recomputed in double for a sample whose sum over/underflowed),
+rel = 0 at an exact fixed point, an update that would overflow the storage dtype flags
+the sample NONFINITE before anything is written, the small Anderson system is solved in
+float64. Any history size m >= 1 (the CUDA op solves in shared memory up to m = 64 and
+in a global workspace beyond). Every tensor argument is checked (shape, dtype, device,
+contiguity) on CPU and CUDA alike (csrc/checks.h).
+
 Build the extension with ``pip install -e . --no-build-isolation`` (after installing
 torch); without it this backend reports itself unavailable and ``auto`` falls back to
 the reference backend.

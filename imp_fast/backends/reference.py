@@ -1,7 +1,35 @@
 """Reference backend: each step written with plain PyTorch ops.
 
 This is the ground truth every other backend is tested against, and the fallback on
-any device. Each step exists in two forms that compute the same thing (tests check it):
+any device. The numerical rules every backend follows (tests check each of them against
+independent float64 computations, on every backend):
+
+* Norms are per sample, L2 over D, **scale-safe**: correct up to rounding for any finite
+  input however large or small its entries (no overflow of the sum of squares, no
+  underflow), rounded to the compute dtype (float64 for float64 storage, else
+  float32). Non-finite entries give a non-finite norm. Here: float32 and narrower
+  inputs are reduced in float64; float64 inputs are scaled by their largest magnitude.
+* rel = abs / (||f(z)|| + eps), and rel = 0 where abs = 0: an exact fixed point is
+  converged whatever eps (even eps = 0 with f(z) = 0).
+* Status tests in this order: abs not finite -> NONFINITE (f returned NaN/Inf; or, in
+  the extreme, ||f(z) - z|| itself exceeds the compute dtype's range); res < tol ->
+  CONVERGED; abs > divergence * abs0 -> DIVERGED.
+* The update of a sample still running: the Anderson mix when it is usable (below),
+  else the damped Picard update z + beta (f(z) - z) (exactly f(z) for beta = 1). If
+  that update, rounded to the storage dtype, has a non-finite entry (e.g. float16
+  overflow with beta > 1), the sample is flagged NONFINITE instead and keeps its z
+  (the last finite iterate) and its n_iter.
+* Anderson: the Gram matrix H = G G^T is kept in the compute dtype, not rescaled. The
+  bordered system (H + lam * H_ss I) a = 1 (s the newest slot) is formed and solved
+  **in float64 on every backend** (H's entries widened, ridge lam * H_ss in float64, LU
+  with partial pivoting), the weights a / sum(a) normalised in float64 and rounded to
+  the compute dtype. The mix sum_i a_i (F_i - (1 - beta) G_i) is used when every entry
+  of it, rounded to the storage dtype, is finite; otherwise (singular system: a zero
+  pivot makes the weights non-finite; a Gram entry that overflowed, i.e. residual
+  norms beyond ~1.8e19 in float32; an extrapolation that overflows) the sample takes
+  the damped Picard update that step.
+
+Each step exists in two forms that compute the same thing (tests check it):
 
 * ``plain_picard_step`` / ``plain_anderson_step`` state the semantics straightforwardly;
   torch.compile traces them.
@@ -171,6 +199,33 @@ def _consts_for(st: LoopState, p: StepParams) -> _Consts:
     return c
 
 
+SOLVE_DTYPE = torch.float64  # the small Anderson system is solved in float64 on every backend
+
+
+def _safe_norms(x: torch.Tensor, out: torch.Tensor, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L2 norms of x over its last dim into ``out`` (x's shape with last dim 1), scale-safe.
+
+    Inputs narrower than float64 are reduced in float64 (the sum of squares of float32
+    values can neither overflow nor underflow there), through ``buf`` (float64, shaped
+    like out) when given. float64 inputs are divided by their largest magnitude first.
+    A NaN entry gives NaN, an infinite one +inf.
+    """
+    if x.dtype != torch.float64:
+        if out.dtype == torch.float64:
+            return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64, out=out)
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64, out=buf)
+        return out.copy_(n)
+    s = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)  # max |x|, NaN-propagating
+    d = torch.where(s > 0, s, torch.ones_like(s))
+    n = torch.linalg.vector_norm(x / d, dim=-1, keepdim=True).mul_(d)
+    return torch.where(s < float("inf"), n, s, out=out)  # s NaN or inf: the norm is s
+
+
+def _storage_finite(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1) bool: every entry of row b of x, rounded to ``dtype``, is finite."""
+    return torch.isfinite(_cast(x, dtype)).all(dim=1, keepdim=True)
+
+
 def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams, c: _Consts, cols: _Cols,
                           g_out=None, gf_out=None) -> torch.Tensor:
     """Shared head of every step: residuals, statuses, best iterate.
@@ -183,20 +238,28 @@ def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams, c: _Co
     """
     cdt = st.abs_res.dtype
     abs_r, rel_r = cols.new_abs, cols.new_rel
+    buf = _norm_buffer(st, cols) if cdt != torch.float64 else None
     if g_out is not None and g_out.dtype == cdt and fz.dtype == cdt and st.z.dtype == cdt:
         g = torch.sub(fz, st.z, out=g_out)
         if gf_out is not None:  # (||g||, ||fz||) into the (2, B, 1) scratch
-            torch.linalg.vector_norm(gf_out, dim=2, keepdim=True, out=cols.scratch)
+            _safe_norms(gf_out, cols.scratch, buf)
         else:
-            torch.linalg.vector_norm(g, dim=1, keepdim=True, out=abs_r)
-            torch.linalg.vector_norm(fz, dim=1, keepdim=True, out=rel_r)
+            _safe_norms(g, abs_r, None if buf is None else buf[0])
+            _safe_norms(fz, rel_r, None if buf is None else buf[1])
     else:
         g = _cast(fz, cdt) - _cast(st.z, cdt)
         if g_out is not None:
             g_out.copy_(g)
-        torch.linalg.vector_norm(g, dim=1, keepdim=True, out=abs_r)
-        torch.linalg.vector_norm(fz, dim=1, keepdim=True, dtype=cdt, out=rel_r)
+        if buf is not None:  # both norms in float64 into buf, one copy into the scratch
+            torch.linalg.vector_norm(g, dim=1, keepdim=True, dtype=torch.float64, out=buf[0])
+            torch.linalg.vector_norm(fz, dim=1, keepdim=True, dtype=torch.float64, out=buf[1])
+            cols.scratch.copy_(buf)
+        else:
+            _safe_norms(g, abs_r)
+            _safe_norms(fz, rel_r)
     torch.div(abs_r, rel_r.add_(c.eps), out=rel_r)
+    if p.eps == 0.0:  # abs = 0 and f(z) = 0: 0/0; an exact fixed point is converged (rel 0)
+        torch.where(abs_r > c.fzero, rel_r, abs_r, out=rel_r)
     res = rel_r if p.stop_rel else abs_r
     # The mask of running samples, and the divergence bound, change only when the
     # status / abs0 are written: reuse them until then.
@@ -226,6 +289,21 @@ def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams, c: _Co
     return g
 
 
+def _norm_buffer(st: LoopState, cols: _Cols) -> torch.Tensor:
+    """(2, B, 1) float64 scratch for the norms of float32-compute states (per solve)."""
+    buf = st.cache.get("norm64")
+    if buf is None:
+        buf = st.cache["norm64"] = torch.empty(cols.scratch.shape, dtype=torch.float64, device=st.z.device)
+    return buf
+
+
+def _flag_overflow(st: LoopState, z_new: torch.Tensor, c: _Consts, cols: _Cols) -> None:
+    """Samples still running whose update z_new has a non-finite entry once rounded to the
+    storage dtype become NONFINITE (and so keep their z and n_iter)."""
+    bad = _storage_finite(z_new, st.z.dtype).logical_not_().logical_and_(cols.status == c.running)
+    torch.where(bad, c.nonfinite, cols.status, out=cols.status)
+
+
 def _count_and_move(st: LoopState, z_new: torch.Tensor, c: _Consts, cols: _Cols) -> None:
     """n_iter += 1 and z <- z_new for the samples still running after this step's checks."""
     still = cols.status == c.running
@@ -236,12 +314,18 @@ def _count_and_move(st: LoopState, z_new: torch.Tensor, c: _Consts, cols: _Cols)
 
 
 def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
-    """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
+    """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first.
+
+    With beta = 1 the update is f(z), finite whenever the residual is; otherwise an
+    update that overflows the storage dtype flags the sample NONFINITE instead."""
     if torch.compiler.is_compiling():
         return plain_picard_step(st, fz, p)
     c, cols = _consts_for(st, p), _cols(st)
     g = _residuals_and_status(st, fz, p, c, cols)
-    _count_and_move(st, _picard_update(st, fz, g, p.beta), c, cols)
+    z_new = _picard_update(st, fz, g, p.beta)
+    if p.beta != 1.0:
+        _flag_overflow(st, z_new, c, cols)
+    _count_and_move(st, z_new, c, cols)
 
 
 def _picard_update(st: LoopState, fz: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
@@ -253,10 +337,11 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     """Type-II Anderson step with ring buffers and an incrementally updated Gram matrix.
 
     Writes (f(z), g) into history slot ``slot``, refreshes row/column ``slot`` of the
-    Gram matrix H = G G^T, solves (H + lam*||g||^2 I) a = 1 and normalises a to sum 1
-    (the bordered system's solution), then mixes
+    Gram matrix H = G G^T, solves (H + lam*||g||^2 I) a = 1 in float64 and normalises a
+    to sum 1 (the bordered system's solution), then mixes
     z <- sum_i a_i (F_i - (1 - beta) G_i). A sample whose small system is singular or
-    whose mix is not finite takes the damped Picard step z + beta g instead.
+    whose mix is not finite in the storage dtype takes the damped Picard step z + beta g
+    instead (and is flagged NONFINITE if that overflows; see the module docstring).
 
     This is the eager form, written for op count (see the module docstring); it computes
     what :func:`plain_anderson_step` states plainly, which is what torch.compile traces.
@@ -280,40 +365,43 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
         h_row.copy_(torch.linalg.vecdot(G.to(cdt), g_i3))
     h_col.copy_(h_row)
     lam_eye, ones, lu, piv, info, y, a, a_row, a_col, mix, mix3 = _anderson_buffers(st, p.lam)
-    # Ridge lam * ||g||^2 (= H_ii): relative to the newest residual, i.e. to the Gram's
-    # scale. With P A = L U and a right-hand side of ones (P 1 = 1), two triangular
-    # solves give A^-1 1: cheaper than solve_ex, which also permutes and copies. `lu` is
-    # column-major, so LAPACK factorises it in place.
+    # float64: H + lam * H_ss I (H's entries and the ridge widened exactly; lam_eye is
+    # float64, so the op promotes). With P A = L U and a right-hand side of ones
+    # (P 1 = 1), two triangular solves give A^-1 1: cheaper than solve_ex, which also
+    # permutes and copies. `lu` is column-major, so LAPACK factorises it in place. A zero
+    # pivot divides by zero below: non-finite weights, hence a non-finite mix.
     torch.addcmul(H, h_ii, lam_eye, out=lu)
     torch.linalg.lu_factor_ex(lu, out=(lu, piv, info))
     torch.linalg.solve_triangular(lu, ones, upper=False, unitriangular=True, out=y)
     torch.linalg.solve_triangular(lu, y, upper=True, out=a)
-    torch.div(a, a.sum(dim=1, keepdim=True), out=a_col)  # a_col is a (B, m, 1) view of a_row
+    # normalised in float64, rounded to the compute dtype (a_col: a (B, m, 1) view of a_row)
+    torch.div(a, a.sum(dim=1, keepdim=True), out=a_col)
     torch.bmm(a_row, _cast(F, cdt), out=mix3)
     if p.beta != 1.0:
         torch.baddbmm(mix3, a_row, _cast(G, cdt), alpha=-(1.0 - p.beta), out=mix3)
-    # An exactly singular system divides by a zero pivot, so its weights, hence the
-    # mix, are not finite: one finiteness test covers both fallbacks.
-    s = mix.sum(dim=1, keepdim=True)
-    torch.where((s - s) == c.fzero, mix, _picard_update(st, fz, g, p.beta), out=mix)
+    # One test covers a singular system, overflowed Gram entries and an overflowing
+    # extrapolation: the mix rounded to the storage dtype is not finite.
+    torch.where(_storage_finite(mix, st.z.dtype), mix, _picard_update(st, fz, g, p.beta), out=mix)
+    if p.beta != 1.0:
+        _flag_overflow(st, mix, c, cols)
     _count_and_move(st, mix, c, cols)
 
 
 def _anderson_buffers(st: LoopState, lam: float) -> Tuple[torch.Tensor, ...]:
-    """Per-solve constants and scratch: lam*I, ones (B, m, 1), the LU factors (column-
-    major), pivots, info, the two triangular solves' results, the normalised weights as a
-    (B, 1, m) row with its (B, m, 1) transpose view, and the mix (B, D) with its
-    (B, 1, D) view."""
+    """Per-solve constants and scratch: lam*I and ones (B, m, 1) in float64, the float64
+    LU factors (column-major), pivots, info, the two triangular solves' results
+    (float64), the normalised weights as a (B, 1, m) compute-dtype row with its (B, m, 1)
+    transpose view, and the mix (B, D) with its (B, 1, D) view."""
     key = ("anderson", lam)
     hit = st.cache.get(key)
     if hit is None:
         B, m, D = st.G.shape
-        cdt, dev = st.H.dtype, st.H.device
-        lam_eye, ones = _ridge_eye_ones(m, B, lam, cdt, dev)
-        lu = torch.empty(B, m, m, dtype=cdt, device=dev).mT
+        cdt, dev, sdt = st.H.dtype, st.H.device, SOLVE_DTYPE
+        lam_eye, ones = _ridge_eye_ones(m, B, lam, sdt, dev)
+        lu = torch.empty(B, m, m, dtype=sdt, device=dev).mT
         piv = torch.empty(B, m, dtype=torch.int32, device=dev)
         info = torch.empty(B, dtype=torch.int32, device=dev)
-        y, a = torch.empty(B, m, 1, dtype=cdt, device=dev), torch.empty(B, m, 1, dtype=cdt, device=dev)
+        y, a = torch.empty(B, m, 1, dtype=sdt, device=dev), torch.empty(B, m, 1, dtype=sdt, device=dev)
         a_row = torch.empty(B, 1, m, dtype=cdt, device=dev)
         mix = torch.empty(B, D, dtype=cdt, device=dev)
         hit = st.cache[key] = (lam_eye, ones, lu, piv, info, y, a, a_row, a_row.mT, mix, mix.unsqueeze(1))
@@ -327,12 +415,23 @@ def _anderson_buffers(st: LoopState, lam: float) -> Tuple[torch.Tensor, ...]:
 # counters).
 
 
-def _plain_head(st: LoopState, fz: torch.Tensor, p: StepParams) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Residuals, statuses, best iterate and n_iter; returns (g, still)."""
+def _plain_norm(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """Scale-safe per-row L2 norm (see :func:`_safe_norms`) in the compute dtype."""
+    if x.dtype != torch.float64:
+        return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).to(cdt)
+    s = torch.linalg.vector_norm(x, ord=float("inf"), dim=1)
+    d = torch.where(s > 0, s, torch.ones_like(s))
+    n = torch.linalg.vector_norm(x / d[:, None], dim=1) * d
+    return torch.where(s < float("inf"), n, s)
+
+
+def _plain_head(st: LoopState, fz: torch.Tensor, p: StepParams) -> torch.Tensor:
+    """Residuals, statuses and best iterate; returns g."""
     cdt = st.abs_res.dtype
     g = _cast(fz, cdt) - _cast(st.z, cdt)
-    abs_r = torch.linalg.vector_norm(g, dim=1)
-    rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1, dtype=cdt) + p.eps)
+    abs_r = _plain_norm(g, cdt)
+    rel_r = abs_r / (_plain_norm(fz, cdt) + p.eps)
+    rel_r = torch.where(abs_r == 0, torch.zeros_like(rel_r), rel_r)  # exact fixed point
     res = rel_r if p.stop_rel else abs_r
     running = st.status == 0
     zero, conv, div, nonfin = _codes(st.status.device)
@@ -348,20 +447,30 @@ def _plain_head(st: LoopState, fz: torch.Tensor, p: StepParams) -> Tuple[torch.T
     torch.where(running, abs_r, st.abs_res, out=st.abs_res)
     torch.where(running, rel_r, st.rel_res, out=st.rel_res)
     torch.where(running, code, st.status, out=st.status)
+    return g
+
+
+def _plain_move(st: LoopState, z_new: torch.Tensor) -> None:
+    """Flag running samples whose update overflows the storage dtype NONFINITE; count
+    and move the others."""
+    z_new = _cast(z_new, st.z.dtype)
+    _, _, _, nonfin = _codes(st.status.device)
+    bad = (st.status == 0) & ~torch.isfinite(z_new).all(dim=1)
+    st.status.copy_(torch.where(bad, nonfin, st.status))
     still = st.status == 0
     st.n_iter.add_(still)
-    return g, still
+    torch.where(still[:, None], z_new, st.z, out=st.z)
 
 
 def plain_picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """Plain form of :func:`picard_step`."""
-    g, still = _plain_head(st, fz, p)
-    torch.where(still[:, None], _cast(_picard_update(st, fz, g, p.beta), st.z.dtype), st.z, out=st.z)
+    g = _plain_head(st, fz, p)
+    _plain_move(st, _picard_update(st, fz, g, p.beta))
 
 
 def plain_anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
     """Plain form of :func:`anderson_step`."""
-    g, still = _plain_head(st, fz, p)
+    g = _plain_head(st, fz, p)
     F, G, H = st.F, st.G, st.H
     cdt = H.dtype
     B, m = H.shape[0], H.shape[1]
@@ -370,15 +479,14 @@ def plain_anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: in
     row = torch.linalg.vecdot(_cast(G, cdt), g.unsqueeze(1))  # (B, m): G_i . g
     H[:, slot] = row
     H[:, :, slot] = row
-    eye = torch.eye(m, dtype=cdt, device=H.device)
-    ridge = (p.lam * row[:, slot]).view(B, 1, 1)  # relative to the newest residual
-    a, info = torch.linalg.solve_ex(H + ridge * eye, torch.ones(B, m, dtype=cdt, device=H.device))
-    a = (a / a.sum(dim=1, keepdim=True)).unsqueeze(1)
+    sdt = SOLVE_DTYPE
+    eye = torch.eye(m, dtype=sdt, device=H.device)
+    ridge = (p.lam * row[:, slot].to(sdt)).view(B, 1, 1)  # relative to the newest residual
+    x, info = torch.linalg.solve_ex(H.to(sdt) + ridge * eye, torch.ones(B, m, dtype=sdt, device=H.device))
+    a = (x / x.sum(dim=1, keepdim=True)).to(cdt).unsqueeze(1)
     mix = torch.bmm(a, _cast(F, cdt))
     if p.beta != 1.0:
         mix = mix - (1.0 - p.beta) * torch.bmm(a, _cast(G, cdt))
     mix = mix.squeeze(1)
-    s = mix.sum(dim=1)
-    ok = (info == 0) & ((s - s) == 0)
-    z_new = torch.where(ok[:, None], mix, _picard_update(st, fz, g, p.beta))
-    torch.where(still[:, None], _cast(z_new, st.z.dtype), st.z, out=st.z)
+    ok = (info == 0)[:, None] & torch.isfinite(_cast(mix, st.z.dtype)).all(dim=1, keepdim=True)
+    _plain_move(st, torch.where(ok, mix, _picard_update(st, fz, g, p.beta)))

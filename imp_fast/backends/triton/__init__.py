@@ -3,7 +3,9 @@
 * ``picard.py``: Picard step, 1 launch (one program per sample) or 2 (D split across
   programs, partial sums + finishing kernel).
 * ``anderson.py``: Anderson step, 3 launches (history + partial sums, per-sample
-  statuses/Gram update/small solve, mix).
+  statuses/Gram update/small float64 solve, mix), plus a commit launch when D is split
+  across programs (the mix's finiteness is decided on the whole sample before z is
+  written). History sizes m > 16 run the reference step (any m works on every backend).
 * ``common.py``: the shared residual/status head and launch geometry.
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before this package is imported

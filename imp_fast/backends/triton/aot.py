@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of the Triton kernels, for machines without a GPU.
 
 ``python -m imp_fast.backends.triton.aot [--arch 90]`` compiles every kernel of the
-backend (Picard fused/split, Anderson history/solve/mix; float32, float16, bfloat16)
+backend (Picard fused/split, Anderson history/solve/mix/commit; float32, float16, bfloat16)
 to PTX and cubin for a CUDA target with Triton's bundled ptxas, without a GPU. It
 catches what the interpreter tolerates but the compiler rejects (types, masks,
 constexpr branches). Must run with TRITON_INTERPRET unset (the interpreter replaces
@@ -16,7 +16,8 @@ import sys
 
 __all__ = ["compile_all"]
 
-_PTR32 = ("part_ptr", "snap_best_ptr", "abs_ptr", "rel_ptr", "abs0_ptr", "best_abs_ptr",
+_PTR64 = ("part_ptr",)
+_PTR32 = ("ws_ptr", "snap_best_ptr", "abs_ptr", "rel_ptr", "abs0_ptr", "best_abs_ptr",
           "best_rel_ptr", "best_res_ptr", "H_ptr", "coef_ptr")
 
 
@@ -26,11 +27,12 @@ def _variants():
 
     for fused in (True, False):
         yield P._picard_update_kernel, dict(FUSED=fused, STOP_REL=True, BEST=True, DAMP=True, BLOCK=1024, CP=4), f"picard_update(fused={fused})"
-    yield P._picard_partial_kernel, dict(BEST=True, BLOCK=1024), "picard_partial"
-    yield A._anderson_history_kernel, dict(M=5, MP=8, K=7, BLOCK=512), "anderson_history"
-    yield A._anderson_solve_kernel, dict(STOP_REL=False, BEST=True, M=5, MP=8, K=7, KP=8, CP=4), "anderson_solve"
-    yield A._anderson_mix_kernel, dict(HAS_DAMP=True, BEST=True, M=5, MP=8, BLOCK=512), "anderson_mix"
-
+    yield P._picard_partial_kernel, dict(BEST=True, DAMP=True, BLOCK=1024), "picard_partial"
+    yield A._anderson_history_kernel, dict(M=5, MP=8, K=8, BLOCK=512, DAMP=True), "anderson_history"
+    yield A._anderson_solve_kernel, dict(STOP_REL=False, BEST=True, M=5, MP=8, K=8, KP=8, CP=4), "anderson_solve"
+    for commit in (True, False):
+        yield A._anderson_mix_kernel, dict(HAS_DAMP=True, BEST=True, COMMIT=commit, M=5, MP=8, BLOCK=512), f"anderson_mix(commit={commit})"
+    yield A._anderson_commit_kernel, dict(HAS_DAMP=True, BLOCK=512, CP=4), "anderson_commit"
 
 def compile_all(arch: int = 90, dtypes=("fp32", "fp16", "bf16")):
     """Compile each kernel variant for sm_<arch>; returns [(name, error or None)]."""
@@ -45,7 +47,8 @@ def compile_all(arch: int = 90, dtypes=("fp32", "fp16", "bf16")):
     for dt in dtypes:
         types = {n: f"*{dt}" for n in ("z_ptr", "fz_ptr", "best_z_ptr", "F_ptr", "G_ptr")}
         types.update({n: "*fp32" for n in _PTR32})
-        types.update(status_ptr="*i8", n_iter_ptr="*i32", snap_status_ptr="*i32", mode_ptr="*i32")
+        types.update({n: "*fp64" for n in _PTR64})
+        types.update(status_ptr="*i8", n_iter_ptr="*i32", snap_status_ptr="*i32", mode_ptr="*i32", mbad_ptr="*i32")
         types.update({n: "fp32" for n in ("tol", "beta", "divergence", "eps", "lam", "damp")})
         for fn, consts, name in _variants():
             names = list(inspect.signature(fn.fn).parameters)

@@ -2,7 +2,11 @@
 
 The status head is a ``@triton.jit`` helper inlined into the finishing kernel of each
 step; it reproduces ``reference._residuals_and_status`` for one sample: same codes,
-same test order (non-finite first, then ``res < tol``, then divergence).
+same test order (non-finite first, then ``res < tol``, then divergence), same numerical
+rules (see the reference module's docstring): scale-safe norms (``chunk_sums``: float32
+sums, recomputed in float64 when they left the exact range), rel = 0 at an exact fixed
+point, and updates that would overflow the storage dtype are detected before anything
+is written (``storage_bad``).
 """
 from __future__ import annotations
 
@@ -24,17 +28,86 @@ FLT_MAX = 3.4028234663852886e38
 MAX_SPLITS = 256
 
 
+# Squared-norm sums (float32 accumulation) outside [SUM_LO, FLT_MAX] may have
+# overflowed or lost precision to underflow: such a chunk's sums are recomputed in
+# float64 (see ``chunk_sums``). Same bound as the C++ ops (csrc/step_common.h).
+SUM_LO = 8.271806125530277e-25  # 2^-80
+
+
+@triton.jit
+def storage_bad(x, ptr):
+    """int32 1 where float32 ``x`` rounds to a non-finite value of ``ptr``'s element type
+    (the value ``to_storage`` would store), else 0."""
+    u = to_storage(x, ptr).to(tl.float32)
+    return tl.where(tl.abs(u) <= 3.4028234663852886e38, 0, 1)
+
+
+@triton.jit
+def safe_sums(gsq, fsq, z_ptr, fz_ptr, fz_stride, b64, start, D, BPP, BLOCK: tl.constexpr):
+    """float32 sums (sum (f - z)^2, sum f^2) of BPP blocks of sample b64 from ``start``,
+    returned as float64, scale-safe: a sum outside [SUM_LO, FLT_MAX] (overflow,
+    underflow, or exactly zero) is recomputed in float64 from z and fz, where squares
+    of float32 values neither overflow nor underflow (rare). Callers must not have
+    written z or fz of these blocks (the recomputation reads the step's inputs)."""
+    gsq64 = gsq.to(tl.float64)
+    fsq64 = fsq.to(tl.float64)
+    redo_g = ~((gsq >= 8.271806125530277e-25) & (gsq <= 3.4028234663852886e38))
+    redo_f = ~((fsq >= 8.271806125530277e-25) & (fsq <= 3.4028234663852886e38))
+    if redo_g | redo_f:
+        offs = tl.arange(0, BLOCK)
+        acc_g64 = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_f64 = tl.zeros([BLOCK], dtype=tl.float64)
+        for j in range(0, BPP):
+            d = start + j * BLOCK + offs
+            msk = d < D
+            zd = tl.load(z_ptr + b64 * D + d, mask=msk, other=0.0).to(tl.float64)
+            fd = tl.load(fz_ptr + b64 * fz_stride + d, mask=msk, other=0.0).to(tl.float64)
+            gd = fd - zd
+            acc_g64 += gd * gd
+            acc_f64 += fd * fd
+        gsq64 = tl.where(redo_g, tl.sum(acc_g64, axis=0), gsq64)
+        fsq64 = tl.where(redo_f, tl.sum(acc_f64, axis=0), fsq64)
+    return gsq64, fsq64
+
+
+@triton.jit
+def chunk_sums(z_ptr, fz_ptr, fz_stride, b64, start, D, BPP, beta,
+               BLOCK: tl.constexpr, DAMP: tl.constexpr):
+    """Scale-safe sums over BPP blocks of sample b64 from ``start`` (see ``safe_sums``):
+    (sum (f - z)^2, sum f^2) as float64, and the number of entries whose damped update
+    z + beta (f - z) (DAMP only; else 0) overflows the storage dtype."""
+    offs = tl.arange(0, BLOCK)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_f = tl.zeros([BLOCK], dtype=tl.float32)
+    nbad = tl.zeros([BLOCK], dtype=tl.int32)
+    for j in range(0, BPP):
+        d = start + j * BLOCK + offs
+        msk = d < D
+        zf = tl.load(z_ptr + b64 * D + d, mask=msk, other=0.0).to(tl.float32)
+        ff = tl.load(fz_ptr + b64 * fz_stride + d, mask=msk, other=0.0).to(tl.float32)
+        g = ff - zf
+        acc_g += g * g
+        acc_f += ff * ff
+        if DAMP:
+            nbad += tl.where(msk, storage_bad(zf + beta * g, z_ptr), 0)
+    gsq64, fsq64 = safe_sums(tl.sum(acc_g, axis=0), tl.sum(acc_f, axis=0), z_ptr, fz_ptr, fz_stride,
+                             b64, start, D, BPP, BLOCK)
+    return gsq64, fsq64, tl.sum(nbad, axis=0)
+
+
 @triton.jit
 def status_head(gsq, fsq, status_old, abs0, best_old, tol, divergence, eps,
                 STOP_REL: tl.constexpr, BEST: tl.constexpr):
-    """Residuals and statuses of one sample from its two finished squared norms.
+    """Residuals and statuses of one sample from its two finished float64 squared norms.
 
     Returns (abs_r, rel_r, running, new_status, still, better) where ``running`` means
     the sample was running before this step (its residuals are recorded), ``still``
     that it is running after it (its z moves), ``better`` that it beat its best.
+    rel_r is 0 where abs_r is 0 (an exact fixed point is converged whatever eps).
     """
-    abs_r = tl.sqrt(gsq)
-    rel_r = abs_r / (tl.sqrt(fsq) + eps)
+    abs_r = tl.sqrt(gsq).to(tl.float32)
+    nf = tl.sqrt(fsq).to(tl.float32)
+    rel_r = tl.where(abs_r == 0.0, 0.0, abs_r / (nf + eps))
     if STOP_REL:
         res = rel_r
     else:
