@@ -236,7 +236,7 @@ def run_loop(
         is_anderson = method == "anderson"
         broyden_step = None
         if method == "broyden":  # the backend's fused op, else the plain-torch step
-            broyden_step = getattr(impl, "broyden_step", None) or _broyden.broyden_step
+            broyden_step = impl.broyden_step or _broyden.broyden_step
         # f must not write into its argument (the live state). Version counters catch
         # it for free; inference tensors have none, so there f gets a copy instead.
         protect = not compiling and st.z.is_inference()

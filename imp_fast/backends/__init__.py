@@ -25,16 +25,24 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
-    """The two fused steps of one implementation (see ``imp_fast.state``)."""
+    """The fused ops of one implementation (see ``imp_fast.state``).
+
+    ``picard_step`` and ``anderson_step`` every backend has. ``broyden_step`` and
+    ``pair_ratios`` (the probes' fused finite-difference ratios) are optional: where a
+    backend has none, the plain-torch ones run (``imp_fast.backends.broyden`` and
+    ``imp_fast.backends.reference.pair_ratios``)."""
 
     name: str
     picard_step: Callable
     anderson_step: Callable
     devices: Tuple[str, ...]  # device types it runs on
+    broyden_step: Optional[Callable] = None
+    pair_ratios: Optional[Callable] = None
 
 
 # Module holding each backend: it defines picard_step, anderson_step, NAME, and
-# optionally DEVICES (default ("cpu", "cuda")) and unavailable_reason() -> str | None.
+# optionally broyden_step, pair_ratios, DEVICES (default ("cpu", "cuda")) and
+# unavailable_reason() -> str | None.
 _MODULES: Dict[str, str] = {
     "reference": "imp_fast.backends.reference",
     "cpp": "imp_fast.backends.cpp",
@@ -53,7 +61,11 @@ def _load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
                 _cache[name] = (None, why)
             else:
                 devs = tuple(getattr(mod, "DEVICES", ("cpu", "cuda")))
-                _cache[name] = (Backend(mod.NAME, mod.picard_step, mod.anderson_step, devs), None)
+                _cache[name] = (
+                    Backend(mod.NAME, mod.picard_step, mod.anderson_step, devs,
+                            getattr(mod, "broyden_step", None), getattr(mod, "pair_ratios", None)),
+                    None,
+                )
         except Exception as exc:  # a missing backend is reported, never a crash at import
             _cache[name] = (None, f"{type(exc).__name__}: {exc}")
     return _cache[name]

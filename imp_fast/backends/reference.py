@@ -51,7 +51,7 @@ import torch
 from ..result import Status
 from ..state import LoopState, StepParams
 
-__all__ = ["picard_step", "anderson_step", "plain_picard_step", "plain_anderson_step", "NAME"]
+__all__ = ["picard_step", "anderson_step", "plain_picard_step", "plain_anderson_step", "pair_ratios", "NAME"]
 
 NAME = "reference"
 
@@ -490,3 +490,24 @@ def plain_anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: in
     mix = mix.squeeze(1)
     ok = (info == 0)[:, None] & torch.isfinite(_cast(mix, st.z.dtype)).all(dim=1, keepdim=True)
     _plain_move(st, torch.where(ok, mix, _picard_update(st, fz, g, p.beta)))
+
+
+def pair_ratios(y: torch.Tensor, dnorm: torch.Tensor, status: torch.Tensor, out: torch.Tensor) -> None:
+    """The probes' finite-difference ratios of one iteration, written to ``out``.
+
+    ``y`` is the stacked probe batch flattened to ``((1 + P) * B, D)`` (rows ``0..B-1``
+    the unperturbed samples, rows ``(1 + p) * B + b`` sample b under perturbation p),
+    ``dnorm`` the ``(P, B)`` norms of the realised input perturbations, ``status`` the
+    ``((1 + P) * B,)`` int8 statuses. Writes the ``(B, P)`` ratios
+    ``out[b, p] = ||y[(1 + p) B + b] - y[b]|| / dnorm[p, b]`` in ``out``'s dtype (the
+    compute dtype), NaN where either row of the pair is NONFINITE. Norms are scale-safe
+    (accumulated in float64), as the steps' residual norms. The compiled backends' fused
+    ops match this.
+    """
+    P, B = dnorm.shape
+    yc = y.view(1 + P, B, -1).to(torch.float64)  # the difference must not overflow (fp16)
+    diff = (yc[1:] - yc[:1]).reshape(P * B, -1)
+    r = _plain_norm(diff, torch.float64).view(P, B) / dnorm.to(torch.float64)
+    bad = (status == int(Status.NONFINITE)).view(1 + P, B)
+    r = r.masked_fill(bad[1:] | bad[:1], float("nan"))
+    out.copy_(r.t())
