@@ -20,7 +20,9 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from .backends import get_backend
 from .backends import reference as _ref
+from .loop import run_loop
 from .result import Status
 from .state import LoopState, StepParams, compute_dtype
 from .validation import (
@@ -38,7 +40,7 @@ PROBE_METHODS = ("picard", "anderson")
 REDUCTIONS = ("max", "mean")
 _TRACE_OPTIONS = (
     "directions", "n_probes", "eps", "t_max", "z0", "method", "beta", "m", "lam", "readout",
-    "reduce", "dtype", "generator",
+    "reduce", "dtype", "generator", "backend",
 )
 
 
@@ -52,7 +54,8 @@ class LipschitzTrace:
               and direction p (NaN where an iterate of the pair went non-finite).
     residual: (t_max, B) fixed-point residual ||G(y_t, x) - y_t|| of the unperturbed samples.
     y:        the unperturbed final iterate y_{t_max}, shaped like the state (B, ...).
-    eps, reduce, method: the settings used.
+    eps, reduce, method: the settings used; backend: the backend whose steps and
+              pair-ratio op ran ("reference", "cpp" or "triton").
     """
 
     t: torch.Tensor
@@ -63,6 +66,7 @@ class LipschitzTrace:
     eps: float
     reduce: str
     method: str
+    backend: str = "reference"
 
     def L_at(self, t: int) -> float:
         """L_t at one iteration count t (1-based), as a Python float."""
@@ -163,7 +167,7 @@ def _warn_small_perturbation(x: torch.Tensor, dx: torch.Tensor) -> None:
 
 def _run_trace(
     G, x, *, directions, n_probes, eps, t_max, z0, method, beta, m, lam, readout, reduce, dtype,
-    generator, keep: Sequence[int] = (), func: str = "lipschitz_trace",
+    generator, backend: str = "auto", keep: Sequence[int] = (), func: str = "lipschitz_trace",
 ) -> Tuple[LipschitzTrace, Dict[int, torch.Tensor]]:
     _check_callable("G", G)
     check_tensor("x", x)
@@ -180,6 +184,7 @@ def _run_trace(
     check_choice("reduce", reduce, REDUCTIONS)
     dtype = _check_dtype(dtype)
     generator = _check_generator(generator)
+    impl = get_backend(backend, x.device)  # the solve's backends, "auto" as in solve
     if z0 is not None:
         check_tensor("z0", z0)
         if z0.shape[0] != x.shape[0]:
@@ -215,19 +220,16 @@ def _run_trace(
         state_shape = tuple(z0.shape[1:])
         NB = B * (1 + P)
         shape = (NB,) + state_shape
-        z = z0.unsqueeze(0).expand((1 + P,) + tuple(z0.shape)).reshape(NB, -1).clone()
-        st = LoopState.create(z, m=m if method == "anderson" else None, return_best=False)
-        # tol=0 and divergence=inf: no sample ever freezes except on NaN/Inf.
-        params = StepParams(tol=0.0, beta=beta, stop_rel=False, divergence=math.inf, eps=1e-9, lam=lam)
+        zs = z0.unsqueeze(0).expand((1 + P,) + tuple(z0.shape)).reshape(shape)
         dev = x.device
         ratios = torch.empty(t_max, B, P, dtype=cdt, device=dev)
         residual = torch.empty(t_max, B, dtype=cdt, device=dev)
         keep_set = set(int(t) for t in keep)
         kept: Dict[int, torch.Tensor] = {}
-        nan = torch.tensor(float("nan"), dtype=cdt, device=dev)
+        pair_ratios = impl.pair_ratios or _ref.pair_ratios
 
-        def call_G(zflat: torch.Tensor) -> torch.Tensor:
-            fz = G(zflat.view(shape), xs)
+        def call_G(z: torch.Tensor) -> torch.Tensor:
+            fz = G(z, xs)
             if not isinstance(fz, torch.Tensor):
                 raise TypeError(f"G must return a torch.Tensor, got {type(fz).__name__}")
             if tuple(fz.shape) != shape:
@@ -239,45 +241,51 @@ def _run_trace(
                     f"G returned shape {tuple(fz.shape)}, expected the state shape {shape} "
                     f"(B*(1+P) = {B}*{1 + P} stacked samples){hint}"
                 )
-            if fz.dtype != zflat.dtype:
+            if fz.dtype != z.dtype:
                 raise TypeError(
-                    f"G returned dtype {fz.dtype}, expected the probe dtype {zflat.dtype} "
+                    f"G returned dtype {fz.dtype}, expected the probe dtype {z.dtype} "
                     f"(with dtype=..., G must accept and return that dtype, e.g. a module cast by .double())"
                 )
-            if fz.device != zflat.device:
-                raise ValueError(f"G returned a tensor on {fz.device}, expected {zflat.device}")
-            fz = fz.reshape(NB, -1)
-            if fz.untyped_storage().data_ptr() == zflat.untyped_storage().data_ptr():
-                fz = fz.clone()
             return fz
 
-        for k in range(t_max + 1):
-            fz = call_G(st.z)
-            if k > 0:  # ||G(y_k) - y_k|| of the unperturbed samples, free from this call
-                residual[k - 1] = torch.linalg.vector_norm(fz[:B].to(cdt) - st.z[:B].to(cdt), dim=1)
-            if k == t_max:
-                break
-            if method == "anderson":
-                _ref.anderson_step(st, fz, params, k % m)
-            else:
-                _ref.picard_step(st, fz, params)
+        final: Dict[str, torch.Tensor] = {}
+
+        def on_step(k: int, st: LoopState) -> None:
+            # After step k: st.z = y_{k+1}; st.abs_res = ||G(y_k) - y_k||, free from the step.
+            if k > 0:
+                residual[k - 1].copy_(st.abs_res[:B])
+            if k == t_max:  # the extra step only gave the residual of y_t_max
+                return
             y = st.z.view(shape)
-            r = y if readout is None else readout(y)
-            if k == 0:
+            if readout is None:
+                r = y
+            else:
+                r = readout(y)
                 if not isinstance(r, torch.Tensor) or r.dim() < 1 or r.shape[0] != NB:
                     got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
                     raise ValueError(
                         f"readout must return a tensor with the batch ({NB} stacked samples) on dim 0, got {got}"
                     )
-            rc = r.reshape(1 + P, B, -1).to(cdt)
-            ratio = torch.linalg.vector_norm(rc[1:] - rc[:1], dim=2) / dnorm  # (P, B)
-            bad = (st.status != 0).view(1 + P, B)
-            ratio = torch.where(bad[1:] | bad[:1], nan, ratio)
-            ratios[k] = ratio.t()
+            # One fused pass over the stacked batch: the P pair distances of every sample.
+            pair_ratios(r.reshape(NB, -1).contiguous(), dnorm, st.status, ratios[k])
             if (k + 1) in keep_set:
                 kept[k + 1] = r.reshape((1 + P, B) + tuple(r.shape[1:]))[0].clone()
+            if k == t_max - 1:
+                final["y"] = st.z[:B].clone()
+                final["status"] = st.status.clone()
 
-        n_bad = int((st.status == int(Status.NONFINITE)).sum())
+        # tol=0 and divergence=inf: no sample freezes unless it turns non-finite (or
+        # reaches an exact fixed point, where freezing changes nothing). No host sync.
+        # t_max + 1 steps: the last one only measures ||G(y_t_max) - y_t_max|| (its G
+        # evaluation is needed anyway; the step itself is cheap next to G).
+        params = StepParams(tol=0.0, beta=beta, stop_rel=False, divergence=math.inf, eps=1e-9, lam=lam)
+        run_loop(
+            call_G, zs, impl=impl, params=params, method=method, m=m, max_iter=t_max + 1, check_every=None,
+            on_step=on_step,
+        )
+        y = final["y"]
+
+        n_bad = int((final["status"] == int(Status.NONFINITE)).sum())
         if n_bad:
             warnings.warn(
                 f"{func}: {n_bad} of {NB} stacked samples became non-finite (G returned NaN/Inf); "
@@ -292,10 +300,11 @@ def _run_trace(
             L=L,
             ratios=ratios,
             residual=residual,
-            y=st.z[:B].reshape((B,) + state_shape).clone(),
+            y=y[:B].reshape((B,) + state_shape).clone(),
             eps=eps,
             reduce=reduce,
             method=method,
+            backend=impl.name,
         )
     return trace, kept
 
@@ -317,6 +326,7 @@ def lipschitz_trace(
     reduce: str = "max",
     dtype: Optional[torch.dtype] = None,
     generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
     **unknown,
 ) -> LipschitzTrace:
     """Empirical Lipschitz constant L_t of x -> r(y_t(x)) for t = 1..t_max, in one run.
@@ -357,6 +367,10 @@ def lipschitz_trace(
         dtype: run the probe in this dtype (x, z0 and the directions are cast to it; G and
             readout must accept it, e.g. a module cast with ``.double()``).
         generator: torch.Generator for the random directions.
+        backend: "auto", "reference", "cpp" or "triton", as in :func:`imp_fast.solve`:
+            the probe runs the solve's loop with that backend's fused Picard/Anderson
+            step (tol=0, so no sample freezes) and its fused pair-ratio op ("auto": cpp
+            on CPU, triton on CUDA). float64 probes run on cpp too.
 
     Returns:
         :class:`LipschitzTrace` with ``t``, ``L`` (t_max,), ``ratios`` (t_max, B, P),
@@ -367,6 +381,7 @@ def lipschitz_trace(
     trace, _ = _run_trace(
         G, x, directions=directions, n_probes=n_probes, eps=eps, t_max=t_max, z0=z0, method=method,
         beta=beta, m=m, lam=lam, readout=readout, reduce=reduce, dtype=dtype, generator=generator,
+        backend=backend,
     )
     return trace
 

@@ -21,7 +21,7 @@ __all__ = ["ScalingCurve", "scaling_curve", "plot_scaling_curve", "relative_l2",
 
 _OPTIONS = (
     "z0", "readout", "directions", "n_probes", "eps", "method", "beta", "m", "lam", "reduce", "dtype",
-    "generator", "metric_name",
+    "generator", "metric_name", "backend",
 )
 
 
@@ -140,6 +140,7 @@ def scaling_curve(
     dtype: Optional[torch.dtype] = None,
     generator: Optional[torch.Generator] = None,
     metric_name: Optional[str] = None,
+    backend: str = "auto",
     **unknown,
 ) -> ScalingCurve:
     """L_t and ``metric(readout(y_t), target)`` for each t in ``ts``, from one run.
@@ -154,6 +155,8 @@ def scaling_curve(
             or :func:`psnr` (use ``functools.partial`` for options).
         ts: strictly increasing ints >= 1.
         metric_name: label for tables and plots (default: the metric's ``__name__``).
+        backend: the backend whose steps and pair-ratio op run the probe (as in
+            :func:`imp_fast.solve`; "auto" picks cpp on CPU, triton on CUDA).
     """
     reject_unknown("scaling_curve", unknown, _OPTIONS)
     if not callable(metric):
@@ -166,7 +169,7 @@ def scaling_curve(
     trace, kept = _run_trace(
         G, x, directions=directions, n_probes=n_probes, eps=eps, t_max=ts[-1], z0=z0, method=method,
         beta=beta, m=m, lam=lam, readout=readout, reduce=reduce, dtype=dtype, generator=generator,
-        keep=ts, func="scaling_curve",
+        backend=backend, keep=ts, func="scaling_curve",
     )
     with torch.no_grad():
         metrics = [_to_float("metric", metric(kept[t], target)) for t in ts]

@@ -25,6 +25,8 @@ for case in CASES:
     BAD += [(base, "--seed", v) for v in ("-1", str(2 ** 32), "1.0", "x")]
     if case != "lp":
         BAD += [(base, "--steps", v) for v in NOT_POSITIVE_INT]
+    if case != "looped-transformer":  # the cases that run Lipschitz probes choose their backend
+        BAD += [(base, "--backend", v) for v in ("fast", "CPP", "")]
 BAD += [(["reproduce", "lp", "--quick"], opt, v) for opt in ("--embedding", "--epochs") for v in NOT_POSITIVE_INT]
 BAD += [(["reproduce", "lp", "--quick"], "--lr", v) for v in NOT_POSITIVE_FLOAT]
 
@@ -129,3 +131,14 @@ def test_prepare_out_makes_the_folder_and_reports_a_file(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(common.ReproduceError, match="--out"):
         common.prepare_out(tmp_path / "f")
+
+
+@pytest.mark.parametrize("case", ["deblur", "navier-stokes", "lp"])
+def test_backend_option_is_parsed_for_the_probing_cases(case):
+    """--backend is parsed for each case that runs Lipschitz probes; the looped
+    transformer runs no Lipschitz probe and has no such option."""
+    args = build_parser().parse_args(["reproduce", case, "--quick", "--backend", "reference"])
+    assert args.backend == "reference"
+    assert build_parser().parse_args(["reproduce", case, "--quick"]).backend == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["reproduce", "looped-transformer", "--quick", "--backend", "cpp"])

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..cli import output_dir, positive_int, seed_int
+from ..backends import BACKENDS
 from ..loop import solve
 from ..scaling import ScalingCurve, scaling_curve
 from . import distributed
@@ -63,8 +64,10 @@ class CheckpointError(ReproduceError):
     """A checkpoint or data cache in the run folder cannot be used."""
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, case: str, *, steps: bool = True) -> None:
-    """Options every case study shares; ``steps=False`` for a case that counts epochs.
+def add_common_arguments(parser: argparse.ArgumentParser, case: str, *, steps: bool = True,
+                         probes: bool = True) -> None:
+    """Options every case study shares; ``steps=False`` for a case that counts epochs,
+    ``probes=False`` for one that runs no Lipschitz probe (no ``--backend`` then).
 
     Values are checked when the command line is parsed (argparse error, exit status 2).
     """
@@ -79,6 +82,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, case: str, *, steps: b
         parser.add_argument("--steps", type=positive_int, default=None,
                             help="training steps, >= 1 (default: per case)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per process, >= 1 (default 1)")
+    if probes:
+        parser.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+                            help="backend of the Lipschitz probes' fused steps and pair ratios, as in "
+                                 "imp_fast.solve (default auto: cpp on CPU, triton on CUDA)")
 
 
 def prepare_out(out) -> Path:
@@ -462,7 +469,7 @@ def load_or_make_cache(path, key: Dict, make: Callable[[], Dict], check: Callabl
 
 
 def evaluate(G, x, target, metric, *, z0, readout=None, directions, eps=0.05, ts: Sequence[int] = EVAL_TS,
-             metric_name: str, dtype=None) -> ScalingCurve:
+             metric_name: str, dtype=None, backend: str = "auto") -> ScalingCurve:
     """L_t (max over samples and directions) and the metric at each t, one probe run.
 
     ``metric`` must be a mean over samples. Under torch.distributed each rank probes its
@@ -471,14 +478,14 @@ def evaluate(G, x, target, metric, *, z0, readout=None, directions, eps=0.05, ts
     """
     if not distributed.is_distributed():
         return scaling_curve(G, x, target, metric, list(ts), z0=z0, readout=readout, directions=directions,
-                             eps=eps, reduce="max", dtype=dtype, metric_name=metric_name)
+                             eps=eps, reduce="max", dtype=dtype, metric_name=metric_name, backend=backend)
     part = distributed.shard(x.shape[0])
     n = part.stop - part.start
     curve = None
     if n > 0:
         curve = scaling_curve(G, x[part], target[part], metric, list(ts), z0=None if z0 is None else z0[part],
                               readout=readout, directions=directions, eps=eps, reduce="max", dtype=dtype,
-                              metric_name=metric_name)
+                              metric_name=metric_name, backend=backend)
     stats = None if curve is None else dataclasses.asdict(curve)
     how = {"L": "max", "residual": "max", "metric": "mean"}
     return ScalingCurve(**distributed.reduce_shards(n, stats, how))

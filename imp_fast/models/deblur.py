@@ -261,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
         directions = Gd.A(d)
         blurred_psnr = float(psnr(xd, yd))
     probe = common.evaluate(Gd, xd[:n_probe], yd[:n_probe], psnr, z0=torch.zeros_like(xd[:n_probe]),
-                            directions=directions, ts=ts, metric_name="PSNR (dB)", dtype=torch.float64)
+                            directions=directions, ts=ts, metric_name="PSNR (dB)", dtype=torch.float64,
+                            backend=args.backend)
     full = common.metric_and_residual(Gd, xd, yd, psnr, z0=torch.zeros_like(xd), ts=ts)
     curve = dataclasses.replace(probe, metric=full["metric"], residual=full["residual"])
     sigma = contraction_at(G, x_te, ts[-1])

@@ -285,7 +285,7 @@ def plot(path: Path, res, title: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_common_arguments(parser, "looped-transformer")  # --steps default 3000, quick 30
+    common.add_common_arguments(parser, "looped-transformer", probes=False)  # --steps default 3000, quick 30
 
 
 def run(args: argparse.Namespace) -> int:

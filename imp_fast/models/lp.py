@@ -401,26 +401,28 @@ def evaluate_error(model: LPGNN, data, T: int = 8) -> float:
 # probes
 
 
-def scaling_probe(model: LPGNN, data, t_max: int = 12, n_dirs: int = 4, eps: float = 0.1, seed: int = 0):
+def scaling_probe(model: LPGNN, data, t_max: int = 12, n_dirs: int = 4, eps: float = 0.1, seed: int = 0,
+                  backend: str = "auto"):
     """Error, L_t per perturbed feature group and the fixed-point residual for t = 0..t_max
     (t = 0: y_0 = 0, L_0 = 0). Returns ``(ts, errors, L, residual)``; ``residual[t]`` is
     the largest ``||G(y_t, x) - y_t||`` over the LPs (scaled units).
 
     Under torch.distributed each rank probes its shard of the LPs (same directions on
-    every rank); errors are combined as sample-weighted means, L_t and residuals as maxima."""
+    every rank); errors are combined as sample-weighted means, L_t and residuals as maxima.
+    ``backend`` runs the probe's steps and pair ratios (as in :func:`imp_fast.solve`)."""
     if not distributed.is_distributed():
-        return _scaling_probe(model, data, t_max, n_dirs, eps, seed)
+        return _scaling_probe(model, data, t_max, n_dirs, eps, seed, backend)
     part = distributed.shard(data["y"].shape[0])
     k = part.stop - part.start
     stats = None
     if k > 0:
-        ts, errors, L, residual = _scaling_probe(model, subset(data, part), t_max, n_dirs, eps, seed)
+        ts, errors, L, residual = _scaling_probe(model, subset(data, part), t_max, n_dirs, eps, seed, backend)
         stats = {"t": ts, "error": errors, "L": L, "residual": residual}
     got = distributed.reduce_shards(k, stats, {"t": "first", "error": "mean", "L": "max", "residual": "max"})
     return got["t"], got["error"], got["L"], got["residual"]
 
 
-def _scaling_probe(model: LPGNN, data, t_max: int, n_dirs: int, eps: float, seed: int):
+def _scaling_probe(model: LPGNN, data, t_max: int, n_dirs: int, eps: float, seed: int, backend: str):
     from imp_fast import lipschitz_trace
 
     model.eval()
@@ -442,7 +444,8 @@ def _scaling_probe(model: LPGNN, data, t_max: int, n_dirs: int, eps: float, seed
     for name in FEATURES:
         dirs = feature_direction(name, n_dirs, g)
         tr = lipschitz_trace(G, x.double(), directions=dirs, eps=eps, t_max=t_max,
-                             z0=torch.zeros(B, N_VARS, dtype=torch.float64), reduce="max", dtype=torch.float64)
+                             z0=torch.zeros(B, N_VARS, dtype=torch.float64), reduce="max", dtype=torch.float64,
+                             backend=backend)
         L[name] = [0.0] + [float(v) for v in tr.L]
     return list(range(t_max + 1)), errors, L, residual
 
@@ -527,7 +530,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {"seed": args.seed, "embedding": d, "implicit": True, "epochs": epochs, "lr": args.lr, "n_train": n_train,
             "batch": batch}
     common.load_or_train(ckpt, model, train_fn, args.retrain, meta)
-    ts, errors, L, residual = scaling_probe(model, test, t_max=t_max, n_dirs=2 if quick else 4, seed=args.seed)
+    ts, errors, L, residual = scaling_probe(model, test, t_max=t_max, n_dirs=2 if quick else 4, seed=args.seed,
+                                            backend=args.backend)
 
     print(f"\nImplicit GNN (embedding {d}, {n_params(model)} params), {n_test} test LPs; "
           f"error = ||y - y*|| / (||y*|| + 1); L_t = max finite-difference ratio per perturbed feature "

@@ -253,10 +253,10 @@ def run(args: argparse.Namespace) -> int:
     # sees in training) are reported beside them as a supplementary column.
     directions = fourier_directions((1, SIZE, SIZE), common.FREQUENCIES, k_max=K_MAX)
     curve = common.evaluate(G, x_te, y_te, relative_l2, z0=G.z0(x_te), readout=G.decode, directions=directions,
-                            metric_name="rel. L2")
+                            metric_name="rel. L2", backend=args.backend)
     full = fourier_directions((1, SIZE, SIZE), common.FREQUENCIES)
     curve_full = common.evaluate(G, x_te, y_te, relative_l2, z0=G.z0(x_te), readout=G.decode, directions=full,
-                                 metric_name="rel. L2")
+                                 metric_name="rel. L2", backend=args.backend)
     # The true map's ratio along the same directions (solver, first few test samples): the
     # steady state answers forcing mode k with gain about 1 / (nu |k|^2 + alpha), so F itself
     # is far less sensitive to the full-grid (high |k|) modes than to the forcing band.
