@@ -6,6 +6,25 @@ torch.set_num_threads(1)
 
 _ROWS = []
 _ACTIVE = []
+_PROBES = []
+
+
+@pytest.fixture
+def record_probe():
+    def add(**row):
+        _PROBES.append(row)
+
+    return add
+
+
+def _probe_summary(tr):
+    tr.write_sep("=", "Lipschitz probes: (64 x 9, 4096), rank-16 G, 40 steps (min over rounds, 1 thread)")
+    tr.write_line("| run | backend | method | ms | / bare G loop |")
+    tr.write_line("|---|---|---|---|---|")
+    bare = next((r["ms"] for r in _PROBES if r["backend"] == ""), None)
+    for r in _PROBES:
+        ratio = f"{r['ms'] / bare:.2f}x" if bare else ""
+        tr.write_line(f"| {r['what']} | {r['backend']} | {r['method']} | {r['ms']:.1f} | {ratio} |")
 
 
 @pytest.fixture
@@ -39,6 +58,8 @@ def record_row():
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _PROBES:
+        _probe_summary(terminalreporter)
     if _ACTIVE:
         _active_summary(terminalreporter)
     if not _ROWS:

@@ -500,14 +500,21 @@ def pair_ratios(y: torch.Tensor, dnorm: torch.Tensor, status: torch.Tensor, out:
     ``dnorm`` the ``(P, B)`` norms of the realised input perturbations, ``status`` the
     ``((1 + P) * B,)`` int8 statuses. Writes the ``(B, P)`` ratios
     ``out[b, p] = ||y[(1 + p) B + b] - y[b]|| / dnorm[p, b]`` in ``out``'s dtype (the
-    compute dtype), NaN where either row of the pair is NONFINITE. Norms are scale-safe
-    (accumulated in float64), as the steps' residual norms. The compiled backends' fused
+    compute dtype), NaN where either row of the pair is NONFINITE. Norms are scale-safe:
+    differences in float32 or wider, squares summed in float64 (float64 rows: scaled by
+    their largest entry, as the steps' residual norms). The compiled backends' fused
     ops match this.
     """
     P, B = dnorm.shape
-    yc = y.view(1 + P, B, -1).to(torch.float64)  # the difference must not overflow (fp16)
-    diff = (yc[1:] - yc[:1]).reshape(P * B, -1)
-    r = _plain_norm(diff, torch.float64).view(P, B) / dnorm.to(torch.float64)
+    if y.dtype == torch.float64:
+        yc = y.view(1 + P, B, -1)
+        r = _plain_norm((yc[1:] - yc[:1]).reshape(P * B, -1), torch.float64)
+    else:  # float32 differences cannot overflow; their squares are summed in float64
+        yc = y.view(1 + P, B, -1)
+        if y.dtype != torch.float32:
+            yc = yc.float()
+        r = torch.linalg.vector_norm((yc[1:] - yc[:1]).reshape(P * B, -1), dim=1, dtype=torch.float64)
+    r = r.view(P, B) / dnorm.to(torch.float64)
     bad = (status == int(Status.NONFINITE)).view(1 + P, B)
     r = r.masked_fill(bad[1:] | bad[:1], float("nan"))
     out.copy_(r.t())

@@ -1,0 +1,64 @@
+"""Lipschitz probes (issue 15): the probe's cost over the bare loop of G it wraps.
+
+The stacked probe batch of :func:`imp_fast.lipschitz_trace`: B = 64 inputs and P = 8
+directions, so 64 x 9 = 576 rows of D = 4096, a cheap rank-16 G
+(``tanh((z U) V + x)``, ||U V||_2 = 0.9), t_max = 40. "bare G loop" is
+``for t in range(40): y = G(y, xs)`` on the same stacked batch: the least any probe can
+cost. A probe adds one step per iteration (the backend's fused Picard or Anderson step,
+tol 0), one fused pair-ratio pass and one more evaluation of G (the residual of y_40).
+Times are the minimum over rounds, one thread, all rows from one run.
+
+Run: ``pytest bench/test_bench_probes.py --benchmark-only``.
+"""
+import pytest
+import torch
+
+import imp_fast
+from imp_fast.backends import backend_status
+
+B, P, D, RANK, T = 64, 8, 4096, 16, 40
+BACKENDS = [b for b in ("reference", "cpp") if backend_status()[b] is None]
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(D, RANK, generator=g) / D ** 0.5
+    V = torch.randn(RANK, D, generator=g) / RANK ** 0.5
+    V *= 0.9 / torch.linalg.matrix_norm(U @ V, ord=2)
+    x = torch.randn(B, D, generator=g)
+    d = torch.randn(P, D, generator=g)
+    d /= d.norm(dim=1, keepdim=True)
+
+    def G(z, x):
+        return torch.tanh(torch.addmm(x, z @ U, V))
+
+    return G, x, d
+
+
+def test_bare_G_loop(benchmark, record_probe):
+    G, x, d = _problem()
+    xs = torch.cat([x, (x.unsqueeze(0) + 0.05 * d.unsqueeze(1)).reshape(P * B, D)])
+
+    def run():
+        with torch.no_grad():
+            y = torch.zeros_like(xs)
+            for _ in range(T):
+                y = G(y, xs)
+        return y
+
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    record_probe(what="bare G loop (40 G evaluations)", backend="", method="", ms=1e3 * benchmark.stats.stats.min)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_probe(benchmark, record_probe, backend, method):
+    G, x, d = _problem()
+
+    def run():
+        return imp_fast.lipschitz_trace(G, x, directions=d, eps=0.05, t_max=T, method=method, m=5,
+                                        backend=backend)
+
+    tr = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    assert tr.backend == backend and bool(torch.isfinite(tr.L).all())
+    record_probe(what="lipschitz_trace", backend=backend, method=method, ms=1e3 * benchmark.stats.stats.min)
