@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import autograd, nn
 
-import imp_fast.loop as loop
 from imp_fast.compat import deq
 
 LOCUSLAB_KEYS = ("result", "lowest", "nstep", "prot_break", "abs_trace", "rel_trace", "eps", "threshold")
@@ -126,14 +125,6 @@ def test_bad_arguments_and_unknown_keywords():
         deq.anderson(f, torch.zeros_like(x), threshold=5, treshold=10)
 
 
-def test_broyden_raises_while_the_engine_has_no_broyden(monkeypatch):
-    monkeypatch.setattr(loop, "METHODS", tuple(m for m in loop.METHODS if m != "broyden"))
-    f, x = _conv_problem()
-    with pytest.raises(NotImplementedError, match="method='broyden'"):
-        deq.broyden(f, torch.zeros_like(x), 30, eps=1e-6)
-
-
-@pytest.mark.skipif("broyden" not in loop.METHODS, reason="the engine has no Broyden method yet")
 def test_broyden_reaches_the_float64_fixed_point():
     f, x = _conv_problem()
     out = deq.broyden(f, torch.zeros_like(x), 60, eps=1e-10, stop_mode="abs", ls=False, name="forward")

@@ -42,13 +42,11 @@ Differences from locuslab's ``anderson``:
   unknown keyword arguments warn once (locuslab ignores them silently; ``name`` is
   accepted).
 
-:func:`broyden` runs :func:`imp_fast.solve` with ``method="broyden"`` where the engine
-provides it (limited-memory good Broyden; no line search) and raises
-``NotImplementedError`` otherwise.
+:func:`broyden` runs :func:`imp_fast.solve` with ``method="broyden"`` (limited-memory
+good Broyden, restarted when its memory is full; no line search).
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from typing import Callable, Dict
@@ -180,19 +178,12 @@ def anderson(f, x0, m=6, lam=1e-4, threshold=50, eps=1e-3, stop_mode="rel", beta
 
 def broyden(f, x0, threshold, eps=1e-3, stop_mode="rel", ls=False, name="unknown", *, per_sample=True,
             **kwargs) -> Dict:
-    """locuslab/deq's ``broyden``, on :func:`imp_fast.solve` with ``method="broyden"``.
-
-    Raises ``NotImplementedError`` while the engine has no Broyden method
-    (``"broyden" not in imp_fast.loop.METHODS``), and for ``ls=True`` (line search).
+    """locuslab/deq's ``broyden``, on :func:`imp_fast.solve` with ``method="broyden"``
+    (the engine's limited-memory good Broyden with the backend's step; memory
+    ``min(threshold, 30)``). ``ls=True`` (line search) raises ``NotImplementedError``.
     """
     from .. import loop
 
-    if "broyden" not in loop.METHODS:
-        raise NotImplementedError(
-            "imp_fast.compat.deq.broyden needs the engine's Broyden method (imp_fast.solve(..., "
-            f"method='broyden')), which this version does not have (methods: {', '.join(loop.METHODS)}). "
-            "Use imp_fast.compat.deq.anderson meanwhile."
-        )
     if ls:
         raise NotImplementedError("broyden(ls=True): the engine's Broyden has no line search; pass ls=False")
     _warn_ignored("broyden", kwargs)
@@ -202,13 +193,8 @@ def broyden(f, x0, threshold, eps=1e-3, stop_mode="rel", ls=False, name="unknown
     stop_mode = _stop_mode(stop_mode)
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be a bool, got {type(per_sample).__name__}")
-    opts = dict(method="broyden", max_iter=threshold, tol=eps, stop=stop_mode, return_best=True, trace=True,
-                check_every=1, eps=1e-9)
-    if "batched" in inspect.signature(loop.solve).parameters:
-        opts["batched"] = per_sample
-    elif not per_sample:
-        raise NotImplementedError("broyden(per_sample=False) needs imp_fast.solve(batched=False)")
-    r = loop.solve(f, x0, **opts)
+    r = loop.solve(f, x0, method="broyden", max_iter=threshold, tol=eps, stop=stop_mode, return_best=True,
+                   trace=True, check_every=1, eps=1e-9, batched=per_sample)
     alt = "abs" if stop_mode == "rel" else "rel"
     traces = {"abs": r.trace_abs, "rel": r.trace_rel}  # (T, B'), B' = B or 1
     low = {"abs": r.abs_residual, "rel": r.rel_residual}
