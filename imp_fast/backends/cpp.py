@@ -113,3 +113,30 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
         st.best_z, st.best_abs, st.best_rel, st.F, st.G, st.H, slot,
         p.tol, p.beta, p.stop_rel, p.divergence, p.eps, p.lam,
     )
+
+
+
+# ----------------------------------------------------------------------------------------
+# The Lipschitz probes' fused finite-difference ratios (csrc/probes.cpp, csrc/cuda/probes.cu).
+# An extension built before the op existed (stale editable build) leaves pair_ratios None:
+# the probes then run the plain-torch ratios (reference.pair_ratios).
+
+__all__ += ["pair_ratios"]
+
+if _C is not None and hasattr(torch.ops.imp_fast, "pair_ratios"):
+
+    @torch.library.register_fake("imp_fast::pair_ratios")
+    def _pair_ratios_fake(y, dnorm, status, out):
+        return None
+
+    _pair_ratios_op = torch.ops.imp_fast.pair_ratios.default
+
+    def pair_ratios(y: torch.Tensor, dnorm: torch.Tensor, status: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[b, p] = ||y[(1 + p) B + b] - y[b]|| / dnorm[p, b]`` (NaN where either row
+        is NONFINITE), one fused op: see ``reference.pair_ratios`` for the semantics.
+        Writes only ``out`` (contiguous (B, P), compute dtype); no host sync, no
+        (P * B, D) temporaries."""
+        _pair_ratios_op(y, dnorm, status, out)
+
+else:
+    pair_ratios = None

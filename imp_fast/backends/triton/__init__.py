@@ -6,6 +6,8 @@
   statuses/Gram update/small float64 solve, mix), plus a commit launch when D is split
   across programs (the mix's finiteness is decided on the whole sample before z is
   written). History sizes m > 16 run the reference step (any m works on every backend).
+* ``probes.py``: the Lipschitz probes' fused finite-difference ratios (``pair_ratios``),
+  1 launch, one program per (sample, perturbation) pair, float64 accumulation.
 * ``common.py``: the shared residual/status head and launch geometry.
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before this package is imported
@@ -26,6 +28,7 @@ _import_error = None
 try:
     from .picard import picard_step, launch_picard  # noqa: F401
     from .anderson import anderson_step, launch_anderson  # noqa: F401
+    from .probes import pair_ratios, launch_pair_ratios  # noqa: F401
 except Exception as exc:  # triton missing or broken: reported, never raised at import
     _import_error = f"{type(exc).__name__}: {exc}"
 
@@ -35,7 +38,10 @@ except Exception as exc:  # triton missing or broken: reported, never raised at 
     def anderson_step(st, fz, p, slot):  # pragma: no cover
         raise RuntimeError(f"triton backend unavailable: {_import_error}")
 
-__all__ = ["NAME", "DEVICES", "picard_step", "anderson_step", "unavailable_reason"]
+    def pair_ratios(y, dnorm, status, out):  # pragma: no cover
+        raise RuntimeError(f"triton backend unavailable: {_import_error}")
+
+__all__ = ["NAME", "DEVICES", "picard_step", "anderson_step", "pair_ratios", "unavailable_reason"]
 
 
 def unavailable_reason():
