@@ -18,7 +18,7 @@ from torchdeq import get_deq  # noqa: E402
 
 from imp_fast.compat.torchdeq import register_solvers  # noqa: E402
 
-register_solvers()  # 'imp_fast_anderson', 'imp_fast_fixed_point_iter', 'imp_fast_simple_fixed_point_iter'
+register_solvers()  # 'imp_fast_anderson', 'imp_fast_broyden', 'imp_fast_fixed_point_iter', ...
 
 B, D, DX = 3, 8, 5
 INFO_KEYS = ("abs_lowest", "rel_lowest", "abs_trace", "rel_trace", "nstep")

@@ -346,8 +346,10 @@ def test_unknown_kwargs_warn_once_naming_them():
 
 
 def test_unknown_solver_names_the_available_ones():
-    with pytest.raises(ValueError, match="no solver 'broyden'.*anderson, fixed_point_iter, simple_fixed_point_iter"):
-        drop_in.get_solver("broyden")
+    with pytest.raises(ValueError, match="no solver 'newton'.*anderson, broyden, fixed_point_iter, simple_fixed_point_iter"):
+        drop_in.get_solver("newton")
+    # broyden is provided now (python_tests/test_compat_torchdeq_broyden.py)
+    assert drop_in.get_solver("broyden") is drop_in.broyden_solver
 
 
 def test_bad_stop_mode():
@@ -358,6 +360,8 @@ def test_bad_stop_mode():
 
 def test_register_solvers_adds_prefixed_names_to_torchdeqs_registry():
     names = drop_in.register_solvers()
-    assert names == ["imp_fast_anderson", "imp_fast_fixed_point_iter", "imp_fast_simple_fixed_point_iter"]
+    assert names == ["imp_fast_anderson", "imp_fast_broyden", "imp_fast_fixed_point_iter",
+                     "imp_fast_simple_fixed_point_iter"]
     assert tdeq.get_solver("imp_fast_anderson") is drop_in.anderson_solver
+    assert tdeq.get_solver("imp_fast_broyden") is drop_in.broyden_solver
     assert tdeq.get_solver("anderson") is tdeq.anderson_solver  # torchdeq's own names untouched

@@ -1,7 +1,7 @@
 """Drop-in replacements for other libraries' solver APIs.
 
-* :mod:`imp_fast.compat.torchdeq`: torchdeq's ``anderson_solver``, ``fixed_point_iter``,
-  ``simple_fixed_point_iter``, ``get_solver`` (and ``register_solvers`` for
+* :mod:`imp_fast.compat.torchdeq`: torchdeq's ``anderson_solver``, ``broyden_solver``,
+  ``fixed_point_iter``, ``simple_fixed_point_iter``, ``get_solver`` (and ``register_solvers`` for
   ``torchdeq.get_deq``), with torchdeq's semantics where users depend on them.
 * :mod:`imp_fast.compat.deq`: locuslab/deq's ``anderson`` and ``broyden`` returning its
   result dicts.

@@ -13,6 +13,18 @@ share one algorithm, which this module runs for a whole batch on the device:
   ``k + 1`` (the number of f evaluations made so far).
 * Picard as in torchdeq's ``fixed_point_iter``: ``fx = tau f(x) + (1 - tau) x``; the
   residual is ``fx - x`` (of the damped map), recorded at step ``k + 1``.
+* Broyden as in torchdeq's ``broyden_solver`` (no line search): ``g(x) = f(x) - x`` is
+  evaluated at ``x0`` first; step ``k >= 1`` is ``x_k = x_{k-1} + u_{k-1}`` with
+  ``u = -(-I + U V^T) g`` (``u_0 = g(x0)``), records ``||g(x_k)||`` and
+  ``||g(x_k)|| / (||g(x_k) + x_k|| + eps)`` at step k and keeps the iterate ``x_k``;
+  then the good-Broyden (Sherman-Morrison) pair ``vT = dx^T (-I + U V^T)``,
+  ``u = (dx - (-I + U V^T) dg) / (vT . dg)`` (NaN entries zeroed) goes to ring slot
+  ``(k - 1) % L`` of an ``L``-column memory (``L`` = torchdeq's ``LBFGS_thres``).
+  torchdeq's "no progress" break (after step 30, batch max below ``3 tol`` and, at each
+  of the last 30 steps, batch max / batch min below 1.3) is, for a batch of one, "after
+  step 30, the residual is below ``3 tol``": a sample meeting that is frozen like one
+  below ``tol`` (with ``return_final``, nothing freezes and torchdeq's batch-wide rule
+  ends the loop, as in torchdeq).
 
 What a step records follows torchdeq's ``update_state``: each of the two residuals
 (abs and rel) keeps its own lowest value and step; the stop-mode one also selects the
@@ -23,11 +35,13 @@ there (it is the sample's lowest residual, so its answer does not depend on the 
 samples of the batch), the loop ends when every sample has frozen (one host check per
 step, as in both libraries, so f is never evaluated more often than there); a sample
 whose residual is not finite is frozen at its last lowest value and reported with NaN
-lowest residuals; Gram matrices, norms and weights are float32 or wider (bfloat16 and
-float16 states work); an exactly singular system falls back to a damped step.
+lowest residuals; Gram matrices, norms and weights (and Broyden's ``U``/``V`` memory
+and steps) are float32 or wider (bfloat16 and float16 states work); an exactly singular
+Anderson system falls back to a damped step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Tuple
 
@@ -92,6 +106,7 @@ def run(
     rel_eps: float = 1e-9,
     per_sample: bool = True,
     indexing: Iterable[int] = (),
+    lbfgs: int = 0,
 ) -> LoopOut:
     """Run the loop on ``x0`` of shape (B, D); ``f`` maps (B, D) to (B, D) in x0's dtype.
 
@@ -100,13 +115,17 @@ def run(
     batch (locuslab's whole-batch residual): one residual, one lowest and one stop for
     all samples, while each sample keeps its own Anderson weights. ``return_final``
     (torchdeq): no freezing, no early stop, every step counts as the lowest.
+    ``lbfgs``: Broyden's memory (columns of ``U``/``V``; 0 means ``max_iter``).
+    Broyden keeps the iterate (``keep`` is ignored) and is per sample only.
     """
-    if method not in ("anderson", "picard"):
-        raise ValueError(f"method must be 'anderson' or 'picard', got {method!r}")
+    if method not in ("anderson", "picard", "broyden"):
+        raise ValueError(f"method must be 'anderson', 'picard' or 'broyden', got {method!r}")
+    if method == "broyden" and not per_sample:
+        raise ValueError("method='broyden' runs per sample only")
     with torch.no_grad():
         return _Loop(f, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_final=return_final,
                      keep=keep, rel_eps=rel_eps, per_sample=per_sample, indexing=indexing).run(
-            method, m=m, lam=lam, tau=tau)
+            method, m=m, lam=lam, tau=tau, lbfgs=lbfgs)
 
 
 class _Loop:
@@ -149,10 +168,12 @@ class _Loop:
             n = torch.linalg.vector_norm(n).expand(self.B)
         return a, a / (n + self.rel_eps)
 
-    def record(self, s: int, g: torch.Tensor, f_rec: torch.Tensor, cand: torch.Tensor) -> bool:
+    def record(self, s: int, g: torch.Tensor, f_rec: torch.Tensor, cand: torch.Tensor,
+               stall_tol: float = -math.inf) -> bool:
         """Record step s: g = f_rec - x in compute dtype, f_rec the (damped) f-value for
-        the relative residual, cand the value kept if this is the lowest. Returns True
-        when the loop should go on."""
+        the relative residual, cand the value kept if this is the lowest. A sample whose
+        stop-mode residual is below ``stall_tol`` (but not ``tol``) is frozen too, without
+        counting as converged. Returns True when the loop should go on."""
         abs_r, rel_r = self._norms(g, f_rec)
         diff = {"abs": abs_r, "rel": rel_r}
         was_active = self.active
@@ -171,6 +192,8 @@ class _Loop:
             for mode in ("abs", "rel"):
                 self.lowest[mode] = torch.where(bad, self.nan, self.lowest[mode])
             self.active = was_active & ~conv & ~bad
+            if stall_tol > self.tol:
+                self.active = self.active & ~(res < stall_tol)
         for mode in ("abs", "rel"):
             # A sample frozen before this step shows its lowest value (torchdeq pads its
             # trace with the lowest values after the batch stops).
@@ -193,9 +216,11 @@ class _Loop:
 
     # ------------------------------------------------------------------ Picard
 
-    def run(self, method: str, *, m: int, lam: float, tau: float) -> LoopOut:
+    def run(self, method: str, *, m: int, lam: float, tau: float, lbfgs: int = 0) -> LoopOut:
         if method == "picard":
             return self._picard(tau)
+        if method == "broyden":
+            return self._broyden(lbfgs)
         return self._anderson(m, lam, tau)
 
     def _picard(self, tau: float) -> LoopOut:
@@ -272,6 +297,73 @@ class _Loop:
             if not go:
                 break
         return self.finish()
+
+    # ----------------------------------------------------------------- Broyden
+
+    # torchdeq's "no progress" break: from step 31 on, with the residual below 3 tol and
+    # the batch's residuals within a factor 1.3 of each other over the last 30 steps.
+    STALL_AFTER, STALL_WINDOW, STALL_FACTOR, STALL_RATIO = 30, 30, 3.0, 1.3
+
+    def _broyden(self, lbfgs: int) -> LoopOut:
+        if self.max_iter == 0:
+            # torchdeq evaluates g(x0) and records nothing: the answer is x0.
+            return self.finish()
+        B, D, sdt, cdt, dev = self.B, self.D, self.sdt, self.cdt, self.dev
+        L = min(lbfgs or self.max_iter, self.max_iter)  # slots >= max_iter are never written
+        U = torch.zeros(B, L, D, dtype=cdt, device=dev)   # torchdeq's Us, transposed: (B, L, D)
+        VT = torch.zeros(B, L, D, dtype=cdt, device=dev)
+
+        def matvec(n: int, v: torch.Tensor) -> torch.Tensor:
+            """(-I + U V^T) v over the first n memory columns."""
+            if n == 0:
+                return -v
+            vtv = torch.bmm(VT[:, :n], v.unsqueeze(2))                       # (B, n, 1)
+            return -v + torch.bmm(U[:, :n].transpose(1, 2), vtv).squeeze(2)  # (B, D)
+
+        def rmatvec(n: int, v: torch.Tensor) -> torch.Tensor:
+            """v^T (-I + U V^T) over the first n memory columns."""
+            if n == 0:
+                return -v
+            vtu = torch.bmm(U[:, :n], v.unsqueeze(2))                        # (B, n, 1)
+            return -v + torch.bmm(vtu.transpose(1, 2), VT[:, :n]).squeeze(1)
+
+        stall = self.tol * self.STALL_FACTOR
+        x = self.x0
+        xc = x.to(cdt)
+        gx = self.call(x).to(cdt) - xc
+        update = -matvec(0, gx)
+        for k in range(1, self.max_iter + 1):
+            # Frozen samples keep their iterate (and so their g and memory).
+            x_new = torch.where(self.active[:, None], (xc + update).to(sdt), x)
+            xc_new = x_new.to(cdt)
+            gx_new = self.call(x_new).to(cdt) - xc_new
+            dx, dg = xc_new - xc, gx_new - gx
+            go = self.record(k, gx_new, gx_new + xc_new, x_new,
+                             stall_tol=stall if k > self.STALL_AFTER else -math.inf)
+            x, xc, gx = x_new, xc_new, gx_new
+            if self.return_final and k > self.STALL_AFTER and self._batch_stalled(stall):
+                break
+            if not go or k == self.max_iter:
+                break
+            n = min(k - 1, L)
+            vT = rmatvec(n, dx)
+            u = (dx - matvec(n, dg)) / torch.linalg.vecdot(vT, dg)[:, None]
+            vT = torch.nan_to_num(vT, nan=0.0, posinf=math.inf, neginf=-math.inf)
+            u = torch.nan_to_num(u, nan=0.0, posinf=math.inf, neginf=-math.inf)
+            slot = (k - 1) % L
+            keep = self.active[:, None]  # a frozen sample's memory stops changing too
+            U[:, slot] = torch.where(keep, u, U[:, slot])
+            VT[:, slot] = torch.where(keep, vT, VT[:, slot])
+            update = -matvec(min(k, L), gx)
+        return self.finish()
+
+    def _batch_stalled(self, stall: float) -> bool:
+        """torchdeq's batch-wide "no progress" test (``return_final`` only: there no
+        sample freezes, so the batch stops as torchdeq's does). One host check."""
+        last = self.trace[self.stop_mode][-self.STALL_WINDOW:]
+        tr = torch.stack(last)                                  # (30, B)
+        progress = tr.max(dim=1).values / tr.min(dim=1).values  # per step: batch max / min
+        return bool((last[-1].max() < stall) & (progress.max() < self.STALL_RATIO))
 
 
 _warned: set = set()

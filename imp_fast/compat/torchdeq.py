@@ -9,7 +9,7 @@ or, for code that builds its DEQ with ``torchdeq.get_deq``, register them and na
 in the config::
 
     from imp_fast.compat.torchdeq import register_solvers
-    register_solvers()                    # adds 'imp_fast_anderson', ... to torchdeq's registry
+    register_solvers()                    # adds 'imp_fast_anderson', 'imp_fast_broyden', ...
     deq = get_deq(f_solver="imp_fast_anderson", b_solver="imp_fast_anderson", ...)
 
 What matches torchdeq (tested side by side with torchdeq itself):
@@ -17,16 +17,27 @@ What matches torchdeq (tested side by side with torchdeq itself):
 * the iterates: Anderson with torchdeq's *absolute* ridge ``lam`` (``G G^T + lam I``),
   its bordered system, its two undamped starting evaluations and ``tau`` mixing;
   ``fixed_point_iter``'s damped map ``tau f(x) + (1 - tau) x`` and its residuals; the
-  value returned is ``f(x)`` at the lowest residual, as in torchdeq;
+  value returned is ``f(x)`` at the lowest residual, as in torchdeq; ``broyden_solver``'s
+  limited-memory good Broyden on ``g(x) = f(x) - x`` (``g(x0)`` first, then
+  ``x += update`` and one evaluation per step, its Sherman-Morrison pairs with NaN
+  entries zeroed, ``LBFGS_thres`` pairs kept as a ring overwritten at slot
+  ``(nstep - 1) % LBFGS_thres``, residuals ``||g(x)||`` and
+  ``||g(x)|| / (||g(x) + x|| + 1e-9)``); it returns the lowest-residual *iterate* ``x``,
+  not ``f(x)``, as torchdeq's does;
 * ``info``: ``abs_lowest``/``rel_lowest``/``nstep`` ``(B,)`` and ``abs_trace``/
   ``rel_trace`` ``(B, N)`` (N = ``max(max_iter - 1, 1)`` for Anderson, ``max_iter + 1``
-  for fixed_point_iter, first column torchdeq's 1e8 placeholder, padded with the lowest
-  values after an early stop); ``nstep`` counts f evaluations as torchdeq does (its
-  Anderson's first recorded step is 3); dtypes (float64 info for float64 states);
-  a ``SolverStat`` when torchdeq is importable;
-* ``return_final=True`` runs every iteration and returns the final value;
+  for fixed_point_iter and broyden_solver, first column torchdeq's 1e8 placeholder,
+  padded with the lowest values after an early stop); ``nstep`` counts steps as
+  torchdeq does (its Anderson's first recorded step is 3, Broyden's and Picard's 1);
+  dtypes (float64 info for float64 states); a ``SolverStat`` when torchdeq is importable;
+* ``return_final=True`` runs every iteration and returns the final value (for Broyden,
+  torchdeq's "no progress" test can still end the batch after step 30, and does here
+  too: see below);
 * ``max_iter=0`` (and, for Anderson, 1 or 2) returns ``x0`` itself with torchdeq's
   placeholder info, and ``indexing`` then holds ``[x0]``;
+* ``broyden_solver``'s ``indexing`` keeps torchdeq's offset: index ``i`` holds the
+  lowest-residual iterate after step ``i - 1`` (torchdeq tests ``nstep + 1 in indexing``;
+  index 1 never matches), where Anderson's and fixed_point_iter's hold step ``i``;
 * ``indexing`` accepts numpy integers and integral floats (a step is recorded when it
   equals one of them); a 0-d ``x0`` is a batch of one and comes back shaped ``(1,)``;
   a 1-d ``x0`` is a batch of scalars;
@@ -44,13 +55,27 @@ Remaining differences, by design:
   later, lower-residual value for them, with their ``*_lowest``/``nstep``/trace from
   that later step). A sample's answer therefore does not depend on its batch, and f is
   never evaluated more often than in torchdeq (Anderson with ``max_iter <= 2`` does not
-  evaluate it at all; torchdeq evaluates it twice and discards both);
-* Gram matrices, norms and weights are float32 or wider (torchdeq works in x0's dtype
-  and cannot run Anderson on bfloat16); sums are accumulated in another order, so
-  iterates agree to rounding, not bit for bit;
+  evaluate it at all; torchdeq evaluates it twice and discards both; Broyden with
+  ``max_iter=0`` does not evaluate it, torchdeq evaluates ``g(x0)`` once);
+* Broyden's "no progress" break: after step 30, torchdeq stops the batch when the
+  batch's largest stop-mode residual is below ``3 tol`` and, at each of the last 30
+  steps, the largest residual over the batch is within 1.3x of the smallest. For a
+  batch of one that is "below 3 tol after step 30", and the drop-in applies it per
+  sample: a sample whose residual is below ``3 tol`` at a step > 30 is frozen there
+  like one below ``tol`` (so its answer is torchdeq's for it alone, and the batch
+  never runs longer than torchdeq's). With ``return_final=True`` nothing freezes and
+  torchdeq's batch-wide test ends the loop exactly as in torchdeq;
+* ``broyden_solver(ls=True)`` raises ``NotImplementedError``: torchdeq's Armijo line
+  search picks one step size for the whole batch from the norm over all samples,
+  which would couple the samples the drop-in solves independently;
+* Gram matrices, norms and weights (and Broyden's pairs, steps and residuals) are
+  float32 or wider (torchdeq works in x0's dtype and cannot run Anderson on bfloat16);
+  sums are accumulated in another order, so iterates agree to rounding, not bit for
+  bit (float64 Broyden iterates agreed to ~1e-15 in the tests);
 * a sample whose residual becomes NaN/Inf is frozen: it returns its last lowest value
   and reports NaN ``abs_lowest``/``rel_lowest`` (torchdeq's masked update turns its value
-  into NaN too and keeps iterating the batch to ``max_iter``);
+  into NaN too and keeps iterating the batch to ``max_iter``: a NaN in the batch also
+  disables its Broyden "no progress" break);
 * an exactly singular Anderson system (``lam=0`` with repeated residuals) takes a damped
   step instead of raising;
 * ``func`` must return x0's shape (torchdeq reshapes any output with the same number of
@@ -59,19 +84,21 @@ Remaining differences, by design:
   same through its buffers);
 * arguments are checked: ``max_iter`` a non-negative int (numpy ints too), ``m >= 1``
   (torchdeq fails with an IndexError for m = 1; here m = 1 is Picard), ``lam >= 0``,
-  ``tau > 0``, ``tol >= 0``, ``indexing`` integral values; errors name the argument;
+  ``tau > 0``, ``tol >= 0``, ``LBFGS_thres`` ``None`` or an int ``>= 1`` (torchdeq
+  fails with ZeroDivisionError for 0), ``ls`` a bool, ``indexing`` integral values;
+  errors name the argument;
 * unknown keyword arguments, which torchdeq ignores silently, still run but warn once
   naming them (``simple_fixed_point_iter`` accepts ``tol`` and ``stop_mode`` silently);
-* ``anderson_solver``/``fixed_point_iter`` also accept a list of tensors as the state
-  (torchdeq's fail); ``simple_fixed_point_iter`` also accepts 0-d/1-d states (torchdeq's
-  fails computing its statistics);
+* ``anderson_solver``/``fixed_point_iter``/``broyden_solver`` also accept a list of
+  tensors as the state (torchdeq's fail); ``simple_fixed_point_iter`` also accepts
+  0-d/1-d states (torchdeq's fails computing its statistics);
 * ``simple_fixed_point_iter`` calls ``func(x)`` and applies ``tau`` itself (torchdeq calls
   ``func(x, tau=tau)``, which its DEQ wrappers implement the same way); outside autograd
   recording it runs on :func:`imp_fast.solve`, which freezes a sample whose f returns
   NaN/Inf at its last finite state (its info residuals are NaN; torchdeq carries the
   NaN on);
-* ``get_solver`` raises a clear error for a solver this package does not provide
-  (``broyden``).
+* ``get_solver`` raises a ``ValueError`` naming the available solvers for an unknown
+  name (torchdeq's asserts).
 """
 from __future__ import annotations
 
@@ -86,6 +113,7 @@ from . import _loop
 
 __all__ = [
     "anderson_solver",
+    "broyden_solver",
     "fixed_point_iter",
     "simple_fixed_point_iter",
     "get_solver",
@@ -296,7 +324,7 @@ def _stat(info: dict):
 
 
 def _run(func, x0, *, method: str, max_iter, tol, stop_mode, indexing, tau, return_final,
-         m: int = 6, lam: float = 1e-4):
+         m: int = 6, lam: float = 1e-4, lbfgs=None, ls=False):
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
     layout = _Layout(x0)
@@ -308,10 +336,25 @@ def _run(func, x0, *, method: str, max_iter, tol, stop_mode, indexing, tau, retu
     if method == "anderson":
         m = _int_like("m", m, minimum=1)
         lam = _real("lam", lam, minimum=0.0)
+    loop_steps = steps
+    if method == "broyden":
+        lbfgs = 0 if lbfgs is None else _int_like("LBFGS_thres", lbfgs, minimum=1)
+        numpy_bool = type(ls).__module__ == "numpy" and getattr(getattr(ls, "dtype", None), "kind", "") == "b"
+        if ls is not None and not isinstance(ls, (bool, numbers.Integral)) and not numpy_bool:
+            raise TypeError(f"ls must be a bool, got {type(ls).__name__} ({ls!r})")
+        if ls:
+            raise NotImplementedError(
+                "broyden_solver(ls=True): the Armijo line search is not provided. torchdeq's searches one "
+                "step size for the whole batch from the norm over all samples, which couples the samples "
+                "that this drop-in solves independently; pass ls=False (torchdeq's default) or use "
+                "torchdeq.solver.broyden_solver for ls=True"
+            )
+        # torchdeq's broyden_solver keeps the state after step s when s + 1 is in indexing.
+        loop_steps = tuple(s - 1 for s in steps)
     out = _loop.run(
         layout.wrap(func, "func"), layout.pack(x0).detach(), method=method, max_iter=max_iter, tol=tol,
         stop_mode=stop_mode, m=m, lam=lam, tau=tau, return_final=bool(return_final), keep="f",
-        rel_eps=1e-9, per_sample=True, indexing=steps,
+        rel_eps=1e-9, per_sample=True, indexing=loop_steps, lbfgs=lbfgs or 0,
     )
     n_trace = max(max_iter - 1, 1) if method == "anderson" else max_iter + 1
     info = _info_from_loop(out, stop_mode, n_trace)
@@ -341,6 +384,20 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
     _warn_ignored("fixed_point_iter", kwargs)
     return _run(func, x0, method="picard", max_iter=max_iter, tol=tol,
                 stop_mode=stop_mode, indexing=indexing, tau=tau, return_final=return_final)
+
+
+def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, LBFGS_thres=None, ls=False,
+                   return_final=False, **kwargs):
+    """torchdeq's ``broyden_solver``: limited-memory good Broyden on ``g(x) = f(x) - x``.
+
+    Returns the lowest-residual *iterate* (not ``f`` of it), as torchdeq does.
+    ``LBFGS_thres`` is the number of Broyden pairs kept (a ring; ``None``: ``max_iter``).
+    ``ls=True`` (torchdeq's Armijo line search) raises ``NotImplementedError``. See the
+    module docstring for what matches torchdeq and what differs.
+    """
+    _warn_ignored("broyden_solver", kwargs)
+    return _run(func, x0, method="broyden", max_iter=max_iter, tol=tol, stop_mode=stop_mode, indexing=indexing,
+                tau=1.0, return_final=return_final, lbfgs=LBFGS_thres, ls=ls)
 
 
 def simple_fixed_point_iter(func, x0, max_iter=50, tau=1.0, indexing=None, tol=None, stop_mode=None, **kwargs):
@@ -421,6 +478,7 @@ def _final_stat(x: torch.Tensor, fx: torch.Tensor, nstep: int):
 
 SOLVERS = {
     "anderson": anderson_solver,
+    "broyden": broyden_solver,
     "fixed_point_iter": fixed_point_iter,
     "simple_fixed_point_iter": simple_fixed_point_iter,
 }
@@ -431,7 +489,6 @@ def get_solver(key: str) -> Callable:
     if key not in SOLVERS:
         raise ValueError(
             f"imp_fast.compat.torchdeq has no solver {key!r}; available: {', '.join(SOLVERS)}"
-            + (" (broyden is not provided: use 'anderson')" if key == "broyden" else "")
         )
     return SOLVERS[key]
 
@@ -440,11 +497,11 @@ def register_solvers(prefix: str = "imp_fast_") -> List[str]:
     """Register these solvers in torchdeq's registry (``torchdeq.solver.register_solver``)
     under ``prefix + name``, e.g. ``'imp_fast_anderson'``, and return the names.
 
-    ``prefix=""`` replaces torchdeq's own ``'anderson'``, ``'fixed_point_iter'`` and
-    ``'simple_fixed_point_iter'`` for every DEQ built afterwards (torchdeq resolves the
-    names when a DEQ is constructed). With a prefix, note that torchdeq's DEQ classes
-    switch to the multi-tensor ``no_stat`` path only for the exact name
-    ``'simple_fixed_point_iter'``: pass ``no_stat=True`` yourself for
+    ``prefix=""`` replaces torchdeq's own ``'anderson'``, ``'broyden'``,
+    ``'fixed_point_iter'`` and ``'simple_fixed_point_iter'`` for every DEQ built
+    afterwards (torchdeq resolves the names when a DEQ is constructed). With a prefix,
+    note that torchdeq's DEQ classes switch to the multi-tensor ``no_stat`` path only for
+    the exact name ``'simple_fixed_point_iter'``: pass ``no_stat=True`` yourself for
     ``'imp_fast_simple_fixed_point_iter'`` with list states.
     """
     if not isinstance(prefix, str):
