@@ -156,6 +156,9 @@ def run_demo(batch: int = 8, dim: int = 256, *, max_iter: int = 500, tol: float 
                          "torchdeq fixed_point_iter"))
             runs.append((td_broyden, "torchdeq", broyden_solver, {},
                          f"memory max_iter={max_iter} rank-one updates, no line search, {common}", td_broyden))
+        runs.append(("imp_fast compat broyden_solver", "compat", drop_in.broyden_solver, {},
+                     f"memory max_iter={max_iter} rank-one updates, no line search, {common}",
+                     td_broyden if broyden_solver is not None else None))
         for td_lam in torchdeq_lams:
             label = f"torchdeq anderson, lam={_num(td_lam)}"
             settings = f"m={m}, {_lam_text(td_lam, False)}, {common}"

@@ -50,6 +50,17 @@ def test_drop_in_takes_as_many_f_evaluations_as_torchdeq_at_the_same_lam(rows):
         assert ours["speedup"] == pytest.approx(theirs["total_ms"] / ours["total_ms"])
 
 
+def test_broyden_rows_side_by_side_with_torchdeq(rows):
+    theirs = _row(rows, "torchdeq broyden_solver", "torchdeq")
+    ours = _row(rows, "imp_fast broyden", "reference")
+    drop_in = _row(rows, "imp_fast compat broyden_solver", "compat")
+    assert ours["baseline"] == drop_in["baseline"] == "torchdeq broyden_solver"
+    # The drop-in runs torchdeq's algorithm: the same evaluations to tol on this batch.
+    assert drop_in["f_evals"] == theirs["f_evals"] > 0
+    assert drop_in["converged"] == theirs["converged"] == 2
+    assert ours["converged"] == 2 and ours["evals_to_tol"] <= theirs["evals_to_tol"] + 1
+
+
 def test_imp_fast_anderson_is_timed_against_the_small_lam_torchdeq_row(rows):
     r = _row(rows, "imp_fast anderson", "reference")
     assert r["baseline"] == "torchdeq anderson, lam=1e-8"
