@@ -12,8 +12,12 @@ On a CUDA machine, for each problem size (B, D):
 * times ms per iteration (one f evaluation + one fused step) with CUDA events for
   reference, cpp (CUDA), triton, triton+graph and torchdeq's ``anderson_solver`` (when
   importable; run with tol=0 so it does all max_iter iterations, it syncs to check);
-* measures the achieved bandwidth of the fused Triton Anderson step (its 3 kernels
-  alone) against a device-to-device copy.
+* measures the achieved bandwidth of the fused Triton Anderson step (its kernels
+  alone) against a device-to-device copy;
+* runs the Lipschitz probe (``lipschitz_trace``, 64 inputs x 8 directions stacked,
+  D = 4096, rank-16 G, 40 steps) on every backend: ratios against the reference
+  backend's (1e-5 relative), no host sync inside the probe loop (the syncs of a
+  40-step probe equal those of a 5-step one), and time over the bare loop of G.
 
 f(z) = tanh(z @ W.T + x) with a dense W (spectral scale 0.6) for D <= 4096; for
 D = 65536 W is low rank (W = U V^T, rank 64, so f costs two thin matmuls) so that f does
@@ -142,6 +146,70 @@ def check_sync_free(run):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def probe_rows(backends, repeats):
+    """Lipschitz probe on each backend at (64 x 9, 4096), rank-16 G, 40 steps: check
+    against the reference backend, sync-free loop, time / bare G loop. Returns
+    (rows, failures)."""
+    import warnings
+
+    import torch
+    import imp_fast
+
+    B, P, D, R, T = 64, 8, 4096, 16, 40
+    g = torch.Generator(device="cuda").manual_seed(0)
+    U = torch.randn(D, R, device="cuda", generator=g) / D ** 0.5
+    V = torch.randn(R, D, device="cuda", generator=g) / R ** 0.5
+    V *= 0.9 / torch.linalg.matrix_norm(U @ V, ord=2)
+    x = torch.randn(B, D, device="cuda", generator=g)
+    d = torch.randn(P, D, device="cuda", generator=g)
+    d /= d.norm(dim=1, keepdim=True)
+
+    def G(z, xx):
+        return torch.tanh(torch.addmm(xx, z @ U, V))
+
+    xs = torch.cat([x, (x.unsqueeze(0) + 0.05 * d.unsqueeze(1)).reshape(P * B, D)])
+
+    def bare():
+        y = torch.zeros_like(xs)
+        for _ in range(T):
+            y = G(y, xs)
+        return y
+
+    bare_ms = cuda_time(bare, repeats=repeats)
+    rows, failures = [("bare G loop", "-", "-", bare_ms, 1.0, "-", "-")], []
+    for method in ("picard", "anderson"):
+        ref = None
+        for name in [b for b in backends if b != "triton+graph"]:
+            def run(t_max=T, name=name, method=method):
+                return imp_fast.lipschitz_trace(G, x, directions=d, eps=0.05, t_max=t_max, method=method,
+                                                backend=name)
+
+            tr = run()
+            if ref is None:
+                ref = tr
+            ok = bool(torch.allclose(tr.ratios, ref.ratios, rtol=1e-5, atol=1e-6))
+            check = "ok" if ok else f"MISMATCH (max diff {float((tr.ratios - ref.ratios).abs().max()):.3g})"
+
+            def syncs(t_max, run=run):
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        run(t_max)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                return sum("synchroniz" in str(m.message) for m in w)
+
+            free = syncs(T) == syncs(5)
+            if not ok:
+                failures.append(f"probe {method} on {name}: {check}")
+            if not free:
+                failures.append(f"probe {method} on {name}: host syncs grow with t_max")
+            ms = cuda_time(run, repeats=repeats)
+            rows.append((f"lipschitz_trace {method}", name, method, ms, ms / bare_ms, check, "yes" if free else "NO"))
+    return rows, failures
+
+
 def main():
     args = _parse()
     try:
@@ -256,7 +324,7 @@ def main():
     if bw_rows:
         lines += [
             "",
-            f"Fused Triton Anderson step alone (3 launches, float32, beta=0.9 so G is read in the mix); "
+            f"Fused Triton Anderson step alone (its kernels only, float32, beta=0.9 so G is read in the mix); "
             f"device-to-device copy bandwidth {copy_bw:.0f} GB/s (read+write).",
             "",
             "| B | D | m | ms/step | GB/s | fraction of copy bandwidth |",
@@ -264,6 +332,18 @@ def main():
         ]
         for B, D, mm, ms, gbs, frac in bw_rows:
             lines.append(f"| {B} | {D} | {mm} | {ms:.4f} | {gbs:.0f} | {frac:.2f} |")
+    p_rows, p_fail = probe_rows(backends, repeats)
+    failures += p_fail
+    lines += [
+        "",
+        "Lipschitz probe: 64 inputs x 8 directions stacked (576 rows), D = 4096, rank-16 G, 40 steps; "
+        "ratios checked against the reference backend's; time / bare loop of 40 G evaluations.",
+        "",
+        "| run | backend | method | ms | / bare G loop | vs reference | sync-free loop |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for what, name, method, ms, ratio, check, free in p_rows:
+        lines.append(f"| {what} | {name} | {method} | {ms:.2f} | {ratio:.2f}x | {check} | {free} |")
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     if failures:
