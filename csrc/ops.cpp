@@ -344,6 +344,45 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
     s_t* zp = z.data_ptr<s_t>();
     const s_t* fp = fz.data_ptr<s_t>();
     s_t* bz = opt_ptr<s_t>(best_z);
+    if (s.nc == 1) {
+      // A sample fits one task: its head and its update in one visit, so the update
+      // reads f(z) back from cache instead of from memory (the step is bandwidth-bound).
+      // Same sums in the same order as the two-pass path below: the same results.
+      int8_t* st_p = status.data_ptr<int8_t>();
+      int32_t* ni_p = n_iter.data_ptr<int32_t>();
+      a_t *ar = abs_res.data_ptr<a_t>(), *rr = rel_res.data_ptr<a_t>();
+      a_t *ba = opt_ptr<a_t>(best_abs), *br = opt_ptr<a_t>(best_rel);
+      const a_t* a0 = abs0.data_ptr<a_t>();
+      const int64_t D = s.D;
+      at::parallel_for(0, s.B, s.grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (st_p[b] != 0) continue;
+          s_t* zb = zp + b * D;
+          const s_t* fb = fp + b * D;
+          a_t sg = 0, sf = 0;
+          residual_sums(zb, fb, D, sg, sf);
+          a_t abs_r, nf;
+          if (sum_in_range(sg) && sum_in_range(sf)) {
+            abs_r = std::sqrt(sg);
+            nf = std::sqrt(sf);
+          } else {
+            double ng, nfd;
+            safe_norms(zb, fb, D, ng, nfd);
+            abs_r = static_cast<a_t>(ng);
+            nf = static_cast<a_t>(nfd);
+          }
+          uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar, rr, a0, ba, br, c);
+          if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta) &&
+              !damped_finite(zb, fb, c.beta, D)) {
+            flag_update_overflow(b, st_p, ni_p);
+            fl &= static_cast<uint8_t>(~(kStill | kCheck));
+          }
+          if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
+          if (fl & kStill) damped_update(zb, fb, c.beta, D);
+        }
+      });
+      return;
+    }
     std::vector<uint8_t> flags;
     head<s_t, a_t>(s, zp, fp, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
                    abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(),
