@@ -41,8 +41,13 @@
 namespace imp_fast {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IMP_FAST_PROBES_HOT __attribute__((target_clones("arch=haswell", "default")))
+// AVX2+FMA clones beside the baseline (GCC picks at load time by CPU features;
+// "arch=haswell" is picked only on CPUs identified as Haswell-family, so newer Xeons
+// ran the SSE2 baseline). Older GCC: an AVX2 clone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+#define IMP_FAST_PROBES_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define IMP_FAST_PROBES_HOT __attribute__((target_clones("avx2", "default")))
 #else
 #define IMP_FAST_PROBES_HOT
 #endif

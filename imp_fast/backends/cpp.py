@@ -140,3 +140,27 @@ if _C is not None and hasattr(torch.ops.imp_fast, "pair_ratios"):
 
 else:
     pair_ratios = None
+
+# --- Broyden (csrc/broyden.cpp, csrc/cuda/broyden.cu): one fused op per iteration,
+# matching imp_fast/backends/broyden.py (the plain-torch step). ---
+__all__ += ["broyden_step"]
+
+if _C is not None and hasattr(torch.ops.imp_fast, "broyden_step"):
+
+    @torch.library.register_fake("imp_fast::broyden_step")
+    def _broyden_step_fake(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel,
+                           U, V, z_prev, g_prev, k, tol, beta, stop_rel, divergence, eps):
+        return None
+
+    _broyden_op = torch.ops.imp_fast.broyden_step.default
+
+    def broyden_step(st: LoopState, fz: torch.Tensor, p: StepParams, k: int) -> None:
+        """Limited-memory good Broyden step (see ``imp_fast.backends.broyden``), one fused op."""
+        _broyden_op(
+            st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
+            st.best_z, st.best_abs, st.best_rel, st.U, st.V, st.z_prev, st.g_prev, k,
+            p.tol, p.beta, p.stop_rel, p.divergence, p.eps,
+        )
+
+else:  # stale build without the op: the loop runs the plain-torch step
+    broyden_step = None
