@@ -215,8 +215,10 @@ def implicit_solve(
             :func:`imp_fast.solve`): samples that converged leave the working set at
             each check, and G runs on the running rows of z and x only. Needs x to be
             one tensor batched on dim 0 and G to treat samples independently (not
-            with BatchNorm-style batch statistics). The adjoint solve runs on the
-            whole batch (its VJPs come from one graph of G over the batch).
+            with BatchNorm-style batch statistics). The "ift" adjoint solve is
+            compacted too: its VJPs come from the forward's graph of G while the whole
+            batch runs, and from G evaluated again on the running rows (once per
+            check that shrinks the working set) after that.
 
     Gradient options:
         backward: "ift" (exact implicit gradient, default), "jfb", "phantom" or
@@ -315,7 +317,8 @@ def implicit_solve(
             for key, name in (("method", "b_method"), ("max_iter", "b_max_iter"), ("tol", "b_tol")):
                 if o[name] is not None:
                     bwd[key] = o[name]
-            spec = _Adjoint(z_req, bwd, o["on_adjoint_failure"], result)
+            spec = _Adjoint(z_req, bwd, o["on_adjoint_failure"], result,
+                            (call_x, x.detach()) if o["compact"] else None)
             z = _ImplicitGrad.apply(fz, z_star, spec)
         else:
             zs = z_star.detach()
@@ -422,13 +425,15 @@ class _Adjoint:
     """What the backward of one "ift" solve needs besides the graph (no tensors that
     hold the output: see the cycle note in implicit_solve)."""
 
-    __slots__ = ("z_req", "options", "on_failure", "result")
+    __slots__ = ("z_req", "options", "on_failure", "result", "compact")
 
-    def __init__(self, z_req: torch.Tensor, options: dict, on_failure: str, result: SolveResult):
+    def __init__(self, z_req: torch.Tensor, options: dict, on_failure: str, result: SolveResult,
+                 compact: Optional[Tuple[Callable, torch.Tensor]] = None):
         self.z_req = z_req
         self.options = options
         self.on_failure = on_failure
         self.result = result
+        self.compact = compact  # (G(z, x_rows), x) when the adjoint runs on active sets
 
 
 class _ImplicitGrad(torch.autograd.Function):
@@ -464,10 +469,44 @@ class _ImplicitGrad(torch.autograd.Function):
             return torch.zeros_like(u) if g is None else g
 
         # Adjoint fixed point u = J^T u + grad, started at grad (first Neumann term).
-        adj = solve(lambda u: vjp(u) + grad, grad, **spec.options)
+        if spec.compact is None:
+            adj = solve(lambda u: vjp(u) + grad, grad, **spec.options)
+        else:
+            adj = solve(_compact_adjoint_f(spec, vjp), grad, args=(z_req.detach(), spec.compact[1], grad),
+                        compact=True, **spec.options)
         spec.result.extras["adjoint"] = adj
         _report_adjoint(adj, spec.on_failure)
         return adj.z.to(fz.dtype), None, None
+
+
+def _compact_adjoint_f(spec: _Adjoint, vjp: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """The adjoint map on active sets: ``f(u, z_rows, x_rows, g_rows) = J_rows^T u + g_rows``.
+
+    While the working set is the whole batch, the rows are the very tensors passed in
+    ``args`` and the forward's graph of G at z* gives the VJP. Once the solve gathers the
+    running rows (at a check), G is evaluated again on those rows of z* and x with a graph,
+    once per working set, and the VJPs come from that smaller graph: each sample's
+    adjoint stops costing anything after it converged (G treats samples independently,
+    as compact requires).
+    """
+    call_x, _ = spec.compact
+    full_z = None
+    cache: dict = {}
+
+    def f(u: torch.Tensor, zs: torch.Tensor, xs: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+        nonlocal full_z
+        if full_z is None:
+            full_z = zs  # the first call sees the whole batch (args as passed)
+        if zs is full_z:
+            return vjp(u) + gs
+        if cache.get("key") is not zs:
+            with torch.enable_grad():
+                zr = zs.detach().requires_grad_(True)
+                cache.update(key=zs, z=zr, fz=call_x(zr, xs))
+        (g,) = torch.autograd.grad(cache["fz"], cache["z"], grad_outputs=u, retain_graph=True, allow_unused=True)
+        return gs if g is None else g + gs
+
+    return f
 
 
 def _report_adjoint(adj: SolveResult, on_failure: str) -> None:
