@@ -58,7 +58,9 @@ def test_broyden_rows_side_by_side_with_torchdeq(rows):
     # The drop-in runs torchdeq's algorithm: the same evaluations to tol on this batch.
     assert drop_in["f_evals"] == theirs["f_evals"] > 0
     assert drop_in["converged"] == theirs["converged"] == 2
-    assert ours["converged"] == 2 and ours["evals_to_tol"] <= theirs["evals_to_tol"] + 1
+    # f evaluations until every sample met tol: the engine's Broyden needs no more
+    assert drop_in["evals_to_tol"] == theirs["evals_to_tol"] <= theirs["f_evals"]
+    assert ours["converged"] == 2 and ours["evals_to_tol"] <= theirs["evals_to_tol"]
 
 
 def test_imp_fast_anderson_is_timed_against_the_small_lam_torchdeq_row(rows):
