@@ -102,7 +102,8 @@ def validate_options(func: str, options: dict) -> dict:
     o.update(options)
     check_choice("method", o["method"], METHODS)
     o["max_iter"] = check_int("max_iter", o["max_iter"], minimum=1)
-    o["tol"] = check_positive("tol", o["tol"])
+    if not isinstance(o["tol"], torch.Tensor):  # a (B,) tensor: checked by solve
+        o["tol"] = check_positive("tol", o["tol"])
     check_choice("stop", o["stop"], ("rel", "abs"))
     o["m"] = check_int("m", o["m"], minimum=1, allow_none=True)
     o["beta"] = check_positive("beta", o["beta"])
@@ -202,7 +203,8 @@ def implicit_solve(
             with ``backward="unroll"``, which differentiates through it.
 
     Keyword options (forward solve, as in :func:`imp_fast.solve`):
-        method ("anderson" | "picard" | "broyden"), max_iter (50), tol (1e-4), stop
+        method ("anderson" | "picard" | "broyden"), max_iter (50), tol (1e-4; or a (B,)
+        tensor of per-sample tolerances, used by the adjoint solve too unless b_tol), stop
         ("rel" | "abs"), m (None: 5 for Anderson, min(max_iter, 30) for Broyden), beta
         (1.0), lam (1e-4), check_every (5), backend ("auto").
         batched (True): dim 0 holds independent samples, each with its own status
@@ -520,7 +522,7 @@ def _report_adjoint(adj: SolveResult, on_failure: str) -> None:
     warnings.warn(
         AdjointWarning(
             f"implicit_solve backward: adjoint {adj.method} solve did not converge for {len(failed)} of "
-            f"{adj.status.numel()} samples (tol={adj.tol:g}, stop={adj.stop!r}; {adj.summary()}); the "
+            f"{adj.status.numel()} samples (tol={adj.tol_text()}, stop={adj.stop!r}; {adj.summary()}); the "
             "gradient is approximate. Raise b_max_iter / b_tol, or check that G is contractive in z.\n  "
             + "\n  ".join(lines)
         ),

@@ -48,7 +48,7 @@ def solve(
     *,
     method: str = "anderson",
     max_iter: Union[int, torch.Tensor] = 50,
-    tol: float = 1e-4,
+    tol: Union[float, torch.Tensor] = 1e-4,
     stop: str = "rel",
     m: Optional[int] = None,
     beta: float = 1.0,
@@ -85,7 +85,9 @@ def solve(
             per-sample budgets (test-time scaling: sample b stops with MAX_ITER after
             ``max_iter[b]`` updates; the loop runs ``max(max_iter)`` iterations).
         tol: a sample converges when its ``stop`` residual is below tol; it is then
-            frozen (its z never changes again).
+            frozen (its z never changes again). A float, or a ``(B,)`` tensor of
+            per-sample tolerances (test-time scaling: a sample that needs a precise
+            answer gets a small tol, the rest stop early).
         stop: "rel" (||f(z)-z|| / (||f(z)|| + eps)) or "abs" (||f(z)-z||).
         m: history size: Anderson mixes the last m iterates (default 5); Broyden
             keeps the last m rank-one updates of its inverse-Jacobian estimate
@@ -135,10 +137,10 @@ def solve(
     if cuda_graph:
         from .graph import solve_graphed
 
-        if args or compact or isinstance(max_iter, torch.Tensor):
+        if args or compact or isinstance(max_iter, torch.Tensor) or isinstance(tol, torch.Tensor):
             raise ValueError(
-                "cuda_graph=True runs a fixed max_iter for the whole batch: args=, compact=True and per-sample "
-                "max_iter tensors are not supported there (close over the tensors instead)"
+                "cuda_graph=True runs a fixed max_iter and one tol for the whole batch: args=, compact=True and "
+                "per-sample max_iter / tol tensors are not supported there (close over the tensors instead)"
             )
         return solve_graphed(
             f, z0, method=method, max_iter=max_iter, tol=tol, stop=stop, m=m, beta=beta, lam=lam,
@@ -154,7 +156,12 @@ def solve(
     if isinstance(max_iter, torch.Tensor):
         budget, max_iter = _check_budget(max_iter, z0, batched)
     max_iter = check_int("max_iter", max_iter, minimum=1)
-    tol = check_positive("tol", tol)
+    tol_t = None
+    if isinstance(tol, torch.Tensor):
+        tol_t = _check_tol(tol, z0, batched)
+        tol = 0.0  # the steps read st.tol
+    else:
+        tol = check_positive("tol", tol)
     m = check_int("m", m, minimum=1, allow_none=True)
     if m is None:
         m = min(max_iter, BROYDEN_MEMORY) if method == "broyden" else 5
@@ -181,7 +188,7 @@ def solve(
     result = run_loop(
         f, z0, impl=impl, params=params, method=method, m=m, max_iter=max_iter, check_every=check_every,
         return_best=return_best, trace=trace, batched=batched, args=args, compact=compact, budget=budget,
-        stop=stop,
+        stop=stop, tol_t=tol_t,
     )
     if throw:
         result.raise_on_failure()
@@ -206,6 +213,7 @@ def run_loop(
     budget: Optional[torch.Tensor] = None,
     stop: str = "rel",
     on_step: Optional[Callable[[int, LoopState], None]] = None,
+    tol_t: Optional[torch.Tensor] = None,
 ) -> SolveResult:
     """The loop behind :func:`solve`, on already-checked arguments (internal API).
 
@@ -223,7 +231,7 @@ def run_loop(
     with torch.no_grad():
         z = z0.detach().reshape(B, -1).clone(memory_format=torch.contiguous_format)
         st = LoopState.create(z, m=m if method == "anderson" else None, return_best=return_best,
-                              broyden_m=m if method == "broyden" else None)
+                              broyden_m=m if method == "broyden" else None, tol=tol_t)
         cdt = compute_dtype(z.dtype)
         tr_abs = tr_rel = None
         if trace:
@@ -331,7 +339,7 @@ def run_loop(
         iterations=iterations,
         method=method,
         backend=impl.name,
-        tol=params.tol,
+        tol=params.tol if tol_t is None else tol_t,
         stop=stop,
     )
     return result
@@ -348,6 +356,22 @@ def _check_budget(max_iter: torch.Tensor, z0: torch.Tensor, batched: bool) -> Tu
     if lo < 1:
         raise ValueError(f"max_iter must be >= 1 for every sample, got a budget of {lo}")
     return max_iter.to(device=z0.device, dtype=torch.int32), hi
+
+
+def _check_tol(tol: torch.Tensor, z0: torch.Tensor, batched: bool) -> torch.Tensor:
+    """A (B,) per-sample tol tensor: checked (real, >= 0, no NaN), as a float tensor on z0's device."""
+    B = z0.shape[0] if batched else 1
+    if not (tol.dtype.is_floating_point or tol.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                          torch.uint8)):
+        raise TypeError(f"tol as a tensor must hold real numbers, got dtype {tol.dtype}")
+    if tol.shape != (B,):
+        raise ValueError(f"tol as a tensor must have shape ({B},) (one tolerance per sample), got {tuple(tol.shape)}")
+    if tol.device != z0.device:
+        raise ValueError(f"tol is on {tol.device}, expected z0's device {z0.device}")
+    t = tol.detach().to(torch.float64)
+    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
+        raise ValueError(f"tol must be >= 0 (and not NaN) for every sample, got min {float(t.min())}")
+    return tol.detach().to(compute_dtype(z0.dtype))
 
 
 def _check_args(args: Any, z0: torch.Tensor, batched: bool) -> Tuple[Any, ...]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -66,7 +66,7 @@ class SolveResult:
     iterations: int
     method: str
     backend: str
-    tol: float
+    tol: Union[float, torch.Tensor]  # a (B,) tensor when the solve had per-sample tolerances
     stop: str
     extras: dict = field(default_factory=dict)
     jac_loss: Optional[torch.Tensor] = None
@@ -80,6 +80,12 @@ class SolveResult:
     def ok(self) -> bool:
         """True when every sample converged (one host sync)."""
         return bool(self.converged.all())
+
+    def tol_text(self) -> str:
+        """``tol`` for messages: the number, or the range of per-sample tolerances."""
+        if isinstance(self.tol, torch.Tensor):
+            return f"per-sample in [{float(self.tol.min()):g}, {float(self.tol.max()):g}]"
+        return f"{self.tol:g}"
 
     @property
     def residual(self) -> torch.Tensor:
@@ -126,6 +132,6 @@ class SolveError(RuntimeError):
             lines.append(f"... and {len(failed) - self.MAX_LISTED} more")
         head = (
             f"{result.method} solve failed for {len(failed)} of {result.status.numel()} samples "
-            f"(tol={result.tol:g}, stop={result.stop!r}; {result.summary()}):"
+            f"(tol={result.tol_text()}, stop={result.stop!r}; {result.summary()}):"
         )
         super().__init__("\n  ".join([head] + lines))

@@ -62,6 +62,9 @@ class LoopState:
               estimate of g(z) = f(z) - z is ``-I + sum_i U_i V_i^T`` over the last m
               rank-one updates (ring buffer; unwritten slots are zero).
     z_prev, g_prev: (B, D) compute dtype, Broyden: the previous iterate and its g.
+    tol:      (B,) compute dtype or None: per-sample tolerances (sample b converges
+              when its residual is below tol[b]; the scalar ``StepParams.tol`` is then
+              not used). None: every sample uses ``StepParams.tol``.
     cache:    backend-private scratch for one solve (views, buffers, argument
               tuples), keyed by the backend; never holds results. Entries derived
               from a field's contents must be invalidated when that field is
@@ -84,6 +87,7 @@ class LoopState:
     V: Optional[torch.Tensor] = None
     z_prev: Optional[torch.Tensor] = None
     g_prev: Optional[torch.Tensor] = None
+    tol: Optional[torch.Tensor] = None
     # Backend-private, per-solve: e.g. views of the tensors above, made once instead of
     # once per iteration. Never holds results.
     cache: Dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -102,7 +106,7 @@ class LoopState:
 
     @classmethod
     def create(cls, z: torch.Tensor, *, m: Optional[int], return_best: bool,
-               broyden_m: Optional[int] = None) -> "LoopState":
+               broyden_m: Optional[int] = None, tol: Optional[torch.Tensor] = None) -> "LoopState":
         B, D = z.shape
         cdt = compute_dtype(z.dtype)
         dev = z.device
@@ -132,6 +136,8 @@ class LoopState:
             st.V = torch.zeros(B, broyden_m, D, dtype=cdt, device=dev)
             st.z_prev = torch.zeros(B, D, dtype=cdt, device=dev)
             st.g_prev = torch.zeros(B, D, dtype=cdt, device=dev)
+        if tol is not None:
+            st.tol = tol.to(device=dev, dtype=cdt).contiguous()
         return st
 
     # The fields a solve reports (what active sets scatter back); the rest is working
@@ -146,9 +152,10 @@ class LoopState:
         """
         m = None if self.F is None else self.F.shape[1]
         bm = None if self.U is None else self.U.shape[1]
-        out = LoopState.create(self.z.index_select(0, idx), m=m, return_best=self.best_z is not None, broyden_m=bm)
+        out = LoopState.create(self.z.index_select(0, idx), m=m, return_best=self.best_z is not None, broyden_m=bm,
+                               tol=None if self.tol is None else self.tol.index_select(0, idx))
         for name, t in self.tensors().items():
-            if t is not None and name != "z":
+            if t is not None and name not in ("z", "tol"):
                 torch.index_select(t, 0, idx, out=getattr(out, name))
         return out
 

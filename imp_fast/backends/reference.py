@@ -269,7 +269,8 @@ def _residuals_and_status(st: LoopState, fz: torch.Tensor, p: StepParams, c: _Co
     # or NaN, so `abs_r < inf` is False exactly for NaN and +inf.
     code = cols.code
     torch.where(abs_r > bound, c.diverged, c.running, out=code)
-    torch.where(res < c.tol, c.converged, code, out=code)
+    tol = c.tol if st.tol is None else st.tol.view(-1, 1)  # per-sample tolerances: a column
+    torch.where(res < tol, c.converged, code, out=code)
     torch.where(abs_r < c.inf, code, c.nonfinite, out=code)
     # where(..., out=x) with x also an input is safe: it is elementwise.
     if st.best_z is not None:
@@ -437,7 +438,7 @@ def _plain_head(st: LoopState, fz: torch.Tensor, p: StepParams) -> torch.Tensor:
     zero, conv, div, nonfin = _codes(st.status.device)
     # Precedence NONFINITE > CONVERGED > DIVERGED; (x - x) != 0 is True for NaN and Inf.
     code = torch.where(abs_r > p.divergence * st.abs0, div, zero)
-    code = torch.where(res < p.tol, conv, code)
+    code = torch.where(res < (p.tol if st.tol is None else st.tol), conv, code)
     code = torch.where((abs_r - abs_r) != 0, nonfin, code)
     if st.best_z is not None:
         better = running & (res < (st.best_rel if p.stop_rel else st.best_abs))

@@ -162,12 +162,14 @@ def pick_block(D: int, cap: int) -> int:
 def supported(st: LoopState, fz: torch.Tensor) -> bool:
     """Whether the Triton kernels handle this state (else the reference step runs).
 
-    float64 storage (float64 compute dtype) and empty batches go to the reference
-    step; everything else (float32, float16, bfloat16) runs in the kernels.
+    float64 storage (float64 compute dtype), empty batches and per-sample tolerances
+    (``st.tol``) go to the reference step; everything else (float32, float16,
+    bfloat16 with one tol) runs in the kernels.
     """
     z = st.z
     return (
-        z.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        st.tol is None
+        and z.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and z.dim() == 2
         and z.numel() > 0
         and z.is_contiguous()
