@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 
 from ..state import LoopState, StepParams
+from . import broyden as _plain_broyden
+from . import reference
 
 __all__ = ["NAME", "DEVICES", "picard_step", "anderson_step", "unavailable_reason", "WITH_CUDA"]
 
@@ -89,8 +91,20 @@ def _fast_state(st: LoopState, p: StepParams, fz: torch.Tensor):
     return hit
 
 
+# Per-sample tolerances (st.tol) need ops that take them; an extension built without
+# that argument runs the reference steps for such a state (same results, not fused).
+_TOL_OPS = _C is not None and "tol_t" in str(torch.ops.imp_fast.picard_step.default._schema)
+
+
+def _tol_fallback(st: LoopState) -> bool:
+    return st.tol is not None and not _TOL_OPS
+
+
 def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
+    if _tol_fallback(st):
+        reference.picard_step(st, fz, p)
+        return
     state = _fast_state(st, p, fz)
     if state is not None:
         _fast(state, fz)
@@ -104,6 +118,9 @@ def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
 
 def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
     """Type-II Anderson step (see ``reference.anderson_step``), one fused op."""
+    if _tol_fallback(st):
+        reference.anderson_step(st, fz, p, slot)
+        return
     state = _fast_state(st, p, fz)
     if state is not None:
         _fast(state, fz, slot)
@@ -156,6 +173,9 @@ if _C is not None and hasattr(torch.ops.imp_fast, "broyden_step"):
 
     def broyden_step(st: LoopState, fz: torch.Tensor, p: StepParams, k: int) -> None:
         """Limited-memory good Broyden step (see ``imp_fast.backends.broyden``), one fused op."""
+        if _tol_fallback(st):
+            _plain_broyden.broyden_step(st, fz, p, k)
+            return
         _broyden_op(
             st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
             st.best_z, st.best_abs, st.best_rel, st.U, st.V, st.z_prev, st.g_prev, k,
