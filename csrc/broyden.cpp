@@ -351,9 +351,11 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
                       const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
                       const std::optional<at::Tensor>& best_abs, const std::optional<at::Tensor>& best_rel,
                       const at::Tensor& U, const at::Tensor& V, const at::Tensor& z_prev, const at::Tensor& g_prev,
-                      int64_t k, double tol, double beta, bool stop_rel, double divergence, double eps) {
+                      int64_t k, double tol, double beta, bool stop_rel, double divergence, double eps,
+                      const std::optional<at::Tensor>& tol_t) {
   check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
   check_broyden(z, U, V, z_prev, g_prev, k);
+  check_tol(z, tol_t);
   const at::Tensor fz = fz_in.contiguous();
   const int64_t B = z.size(0), D = z.size(1), m = U.size(1);
   if (B == 0) return;
@@ -372,6 +374,7 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
     const a_t* a0_p = abs0.data_ptr<a_t>();
     a_t* ba_p = opt_ptr<a_t>(best_abs);
     a_t* br_p = opt_ptr<a_t>(best_rel);
+    const a_t* tol_p = opt_ptr<a_t>(tol_t);
     a_t* Up = U.data_ptr<a_t>();
     a_t* Vp = V.data_ptr<a_t>();
     a_t* zprev = z_prev.data_ptr<a_t>();
@@ -418,7 +421,7 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
               D, [&](int64_t j) { return static_cast<double>(fb[j]) - static_cast<double>(zb[j]); }));
           nf = static_cast<a_t>(safe_norm<kScale>(D, [&](int64_t j) { return static_cast<double>(fb[j]); }));
         }
-        const uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c);
+        const uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c, tol_p);
         if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
         if (!(fl & kStill)) continue;
         bool step_finite = true, storable = true;
@@ -458,7 +461,7 @@ TORCH_LIBRARY_FRAGMENT(imp_fast, m) {
       "Tensor(d!) abs_res, Tensor(e!) rel_res, Tensor abs0, Tensor(f!)? best_z, "
       "Tensor(g!)? best_abs, Tensor(h!)? best_rel, Tensor(i!) U, Tensor(j!) V, "
       "Tensor(k!) z_prev, Tensor(l!) g_prev, int k, float tol, float beta, bool stop_rel, "
-      "float divergence, float eps) -> ()");
+      "float divergence, float eps, Tensor? tol_t=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(imp_fast, CPU, m) {

@@ -50,6 +50,23 @@ inline void check_state(const at::Tensor& z, const at::Tensor& fz, const at::Ten
   }
 }
 
+// The optional per-sample tolerances tol_t of a step op (its trailing `Tensor? tol_t`):
+// a contiguous (B,) tensor in the compute dtype (float64 for float64 storage, else
+// float32) on z's device. Call after check_state (z is a (B, D) tensor).
+inline void check_tol(const at::Tensor& z, const std::optional<at::Tensor>& tol_t) {
+  if (!tol_t.has_value()) return;
+  const at::Tensor& t = *tol_t;
+  const int64_t B = z.size(0);
+  const auto cdt = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, "imp_fast: tol_t must be a (", B, ",) tensor (one tolerance per "
+              "sample), got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == cdt, "imp_fast: tol_t must be ", cdt, " (the compute dtype of ", z.scalar_type(),
+              " storage), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == z.device(), "imp_fast: tol_t must be on ", z.device(), " (z's device), got ",
+              t.device());
+  TORCH_CHECK(t.is_contiguous(), "imp_fast: tol_t must be contiguous, got strides ", t.strides());
+}
+
 inline void check_history(const at::Tensor& z, const at::Tensor& F, const at::Tensor& G,
                    const at::Tensor& H, int64_t slot) {
   const int64_t B = z.size(0), D = z.size(1);

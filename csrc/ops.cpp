@@ -6,6 +6,9 @@
 //                            per-sample (H + lam*H_ss I) a = 1 solve in double,
 //                            mixing, per-sample Picard fallback
 // They match imp_fast/backends/reference.py (the ground truth) within float tolerance.
+// Every step op (broyden_step too) takes a trailing optional per-sample tolerance
+// `Tensor? tol_t=None` ((B,) in the compute dtype, checks.h: check_tol): sample b then
+// converges when its residual is below tol_t[b] instead of the scalar tol.
 //
 // CPU kernels: at::parallel_for over (sample, chunk) tasks. Reductions use a fixed
 // chunk size and a fixed number of accumulator lanes, and partials are combined in
@@ -249,7 +252,7 @@ template <typename s_t, typename a_t>
 void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, const std::vector<a_t>& pf,
                   const s_t* z, const s_t* fz, int8_t* status, int32_t* n_iter, a_t* abs_res, a_t* rel_res,
                   const a_t* abs0, a_t* best_abs, a_t* best_rel, const StepScalars<a_t>& c,
-                  std::vector<uint8_t>& flags) {
+                  const a_t* tol_p, std::vector<uint8_t>& flags) {
   flags.assign(B, 0);
   for (int64_t b = 0; b < B; ++b) {
     if (status[b] != 0) continue;
@@ -268,7 +271,8 @@ void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, 
       abs_r = static_cast<a_t>(ng);
       nf = static_cast<a_t>(nfd);
     }
-    uint8_t fl = sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c);
+    uint8_t fl =
+        sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, tol_p);
     if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta)) fl |= kCheck;
     flags[b] = fl;
   }
@@ -280,7 +284,7 @@ void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, 
 template <typename s_t, typename a_t>
 void head(const Shape& s, const s_t* z, const s_t* fz, int8_t* status, int32_t* n_iter,
           a_t* abs_res, a_t* rel_res, const a_t* abs0, a_t* best_abs, a_t* best_rel,
-          const StepScalars<a_t>& c, std::vector<uint8_t>& flags) {
+          const StepScalars<a_t>& c, const a_t* tol_p, std::vector<uint8_t>& flags) {
   const int64_t B = s.B, D = s.D, nc = s.nc;
   std::vector<a_t> pg(B * nc), pf(B * nc);
   at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
@@ -291,7 +295,8 @@ void head(const Shape& s, const s_t* z, const s_t* fz, int8_t* status, int32_t* 
       residual_sums(z + b * D + j0, fz + b * D + j0, n, pg[t], pf[t]);
     }
   });
-  finish_heads(B, D, nc, pg, pf, z, fz, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, flags);
+  finish_heads(B, D, nc, pg, pf, z, fz, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, tol_p,
+               flags);
 }
 
 // Whether every entry of the damped update z + beta (f - z) of n elements is finite
@@ -332,8 +337,10 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
                      const std::optional<at::Tensor>& best_z,
                      const std::optional<at::Tensor>& best_abs,
                      const std::optional<at::Tensor>& best_rel, double tol, double beta,
-                     bool stop_rel, double divergence, double eps) {
+                     bool stop_rel, double divergence, double eps,
+                     const std::optional<at::Tensor>& tol_t) {
   check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
+  check_tol(z, tol_t);
   const at::Tensor fz = fz_in.contiguous();
   const Shape s = shape_of(z);
   if (s.B == 0) return;
@@ -341,6 +348,7 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
     using s_t = scalar_t;
     using a_t = at::opmath_type<s_t>;
     const StepScalars<a_t> c = make_scalars<a_t>(tol, beta, stop_rel, divergence, eps, 0.0);
+    const a_t* tol_p = opt_ptr<a_t>(tol_t);
     s_t* zp = z.data_ptr<s_t>();
     const s_t* fp = fz.data_ptr<s_t>();
     s_t* bz = opt_ptr<s_t>(best_z);
@@ -371,7 +379,7 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
             abs_r = static_cast<a_t>(ng);
             nf = static_cast<a_t>(nfd);
           }
-          uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar, rr, a0, ba, br, c);
+          uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar, rr, a0, ba, br, c, tol_p);
           if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta) &&
               !damped_finite(zb, fb, c.beta, D)) {
             flag_update_overflow(b, st_p, ni_p);
@@ -386,7 +394,7 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
     std::vector<uint8_t> flags;
     head<s_t, a_t>(s, zp, fp, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
                    abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(),
-                   opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), c, flags);
+                   opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), c, tol_p, flags);
     const int64_t D = s.D, nc = s.nc;
     check_damped_updates<s_t, a_t>(s.B, D, zp, fp, c.beta, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
                                    flags);
@@ -450,9 +458,11 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
                        const std::optional<at::Tensor>& best_abs,
                        const std::optional<at::Tensor>& best_rel, const at::Tensor& F,
                        const at::Tensor& G, const at::Tensor& H, int64_t slot, double tol,
-                       double beta, bool stop_rel, double divergence, double eps, double lam) {
+                       double beta, bool stop_rel, double divergence, double eps, double lam,
+                       const std::optional<at::Tensor>& tol_t) {
   check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
   check_history(z, F, G, H, slot);
+  check_tol(z, tol_t);
   const at::Tensor fz = fz_in.contiguous();
   const Shape s = shape_of(z);
   if (s.B == 0) return;
@@ -488,7 +498,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
     int32_t* ni_p = n_iter.data_ptr<int32_t>();
     finish_heads(B, D, nc, pg, pf, static_cast<const s_t*>(zp), fp, st_p, ni_p, abs_res.data_ptr<a_t>(),
                  rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(), opt_ptr<a_t>(best_abs),
-                 opt_ptr<a_t>(best_rel), c, flags);
+                 opt_ptr<a_t>(best_rel), c, opt_ptr<a_t>(tol_t), flags);
 
     // Per sample: Gram row/column, regularised small solve in double, weights.
     std::vector<a_t> alpha(B * m);
@@ -608,13 +618,13 @@ TORCH_LIBRARY(imp_fast, m) {
       "picard_step(Tensor(a!) z, Tensor fz, Tensor(b!) status, Tensor(c!) n_iter, "
       "Tensor(d!) abs_res, Tensor(e!) rel_res, Tensor abs0, Tensor(f!)? best_z, "
       "Tensor(g!)? best_abs, Tensor(h!)? best_rel, float tol, float beta, bool stop_rel, "
-      "float divergence, float eps) -> ()");
+      "float divergence, float eps, Tensor? tol_t=None) -> ()");
   m.def(
       "anderson_step(Tensor(a!) z, Tensor fz, Tensor(b!) status, Tensor(c!) n_iter, "
       "Tensor(d!) abs_res, Tensor(e!) rel_res, Tensor abs0, Tensor(f!)? best_z, "
       "Tensor(g!)? best_abs, Tensor(h!)? best_rel, Tensor(i!) F, Tensor(j!) G, Tensor(k!) H, "
       "int slot, float tol, float beta, bool stop_rel, float divergence, float eps, "
-      "float lam) -> ()");
+      "float lam, Tensor? tol_t=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(imp_fast, CPU, m) {
@@ -652,14 +662,22 @@ std::optional<at::Tensor> optional_at(PyObject* tup, Py_ssize_t i) {
 }
 
 // state = (z, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel, F, G, H,
-//          tol, beta, stop_rel, divergence, eps, lam); F/G/H/best_* may be None.
+//          tol, beta, stop_rel, divergence, eps, lam, tol_t); F/G/H/best_*/tol_t may be
+//          None (tol_t: the per-sample tolerances, replacing tol where given).
 PyObject* step_fast(PyObject* /*self*/, PyObject* args) {
   PyObject *state, *fz_obj;
   long long slot = -1;
   if (!PyArg_ParseTuple(args, "O!O|L", &PyTuple_Type, &state, &fz_obj, &slot)) return nullptr;
-  if (PyTuple_GET_SIZE(state) != 18 || !THPVariable_Check(fz_obj)) {
-    PyErr_SetString(PyExc_TypeError, "imp_fast._C._step_cpu: expected (state tuple of 18, fz tensor[, slot])");
+  if (PyTuple_GET_SIZE(state) != 19 || !THPVariable_Check(fz_obj)) {
+    PyErr_SetString(PyExc_TypeError, "imp_fast._C._step_cpu: expected (state tuple of 19, fz tensor[, slot])");
     return nullptr;
+  }
+  {
+    PyObject* t = PyTuple_GET_ITEM(state, 18);
+    if (t != Py_None && !THPVariable_Check(t)) {
+      PyErr_SetString(PyExc_TypeError, "imp_fast._C._step_cpu: state[18] (tol_t) must be None or a tensor");
+      return nullptr;
+    }
   }
   for (Py_ssize_t i : {0, 1, 2, 3, 4, 5}) {
     if (tensor_at(state, i) == nullptr) {
@@ -677,7 +695,7 @@ PyObject* step_fast(PyObject* /*self*/, PyObject* args) {
     const double lam = PyFloat_AsDouble(PyTuple_GET_ITEM(state, 17));
     if (PyErr_Occurred()) return nullptr;
     const std::optional<at::Tensor> best_z = optional_at(state, 6), best_abs = optional_at(state, 7),
-                                    best_rel = optional_at(state, 8);
+                                    best_rel = optional_at(state, 8), tol_t = optional_at(state, 18);
     const at::Tensor &z = *tensor_at(state, 0), &status = *tensor_at(state, 1),
                      &n_iter = *tensor_at(state, 2), &abs_res = *tensor_at(state, 3),
                      &rel_res = *tensor_at(state, 4), &abs0 = *tensor_at(state, 5);
@@ -691,10 +709,11 @@ PyObject* step_fast(PyObject* /*self*/, PyObject* args) {
     try {
       if (slot < 0) {
         imp_fast::picard_step_cpu(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel,
-                                  tol, beta, stop_rel, divergence, eps);
+                                  tol, beta, stop_rel, divergence, eps, tol_t);
       } else {
         imp_fast::anderson_step_cpu(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs,
-                                    best_rel, *F, *G, *H, slot, tol, beta, stop_rel, divergence, eps, lam);
+                                    best_rel, *F, *G, *H, slot, tol, beta, stop_rel, divergence, eps, lam,
+                                    tol_t);
       }
     } catch (const c10::Error& e) {
       err = e.what_without_backtrace();

@@ -89,15 +89,18 @@ struct StorageMax<c10::BFloat16> {
 // Per-sample head of a sample running at entry, from its residual norm abs_r =
 // ||f(z) - z|| and nf = ||f(z)||: updates its residuals, status, n_iter and best
 // residuals; returns its flags. rel = abs / (nf + eps), and 0 when abs is 0 (an exact
-// fixed point is converged whatever eps).
+// fixed point is converged whatever eps). tol_p: the optional per-sample tolerances
+// ((B,) in the compute dtype; the op's tol_t): sample b converges when res < tol_p[b],
+// else (nullptr) when res < c.tol.
 template <typename a_t>
 C10_HOST_DEVICE inline uint8_t sample_head(a_t abs_r, a_t nf, int64_t b, int8_t* status,
                                            int32_t* n_iter, a_t* abs_res, a_t* rel_res,
                                            const a_t* abs0, a_t* best_abs, a_t* best_rel,
-                                           const StepScalars<a_t>& c) {
+                                           const StepScalars<a_t>& c, const a_t* tol_p) {
   const a_t rel_r = abs_r == a_t(0) ? a_t(0) : abs_r / (nf + c.eps);
   const a_t res = c.stop_rel ? rel_r : abs_r;
-  int8_t code = res < c.tol ? kStatusConverged
+  const a_t tol = tol_p != nullptr ? tol_p[b] : c.tol;
+  int8_t code = res < tol ? kStatusConverged
                             : (abs_r > c.divergence * abs0[b] ? kStatusDiverged : int8_t(0));
   if (!::isfinite(abs_r)) code = kStatusNonfinite;
   uint8_t fl = kRunning;

@@ -105,8 +105,8 @@ __device__ double block_safe_norm(int64_t D, Get x, double* redd) {
 template <typename s_t, typename a_t>
 __global__ void broyden_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, int8_t* status, int32_t* n_iter,
                                a_t* abs_res, a_t* rel_res, const a_t* abs0, s_t* best_z, a_t* best_abs,
-                               a_t* best_rel, a_t* U, a_t* V, a_t* z_prev, a_t* g_prev, a_t* ws, int64_t D,
-                               int64_t m, BroydenSlots sl, StepScalars<a_t> c) {
+                               a_t* best_rel, a_t* U, a_t* V, a_t* z_prev, a_t* g_prev, a_t* ws,
+                               const a_t* tol_p, int64_t D, int64_t m, BroydenSlots sl, StepScalars<a_t> c) {
   __shared__ a_t red[3 * 32];
   __shared__ double redd[32];
   __shared__ uint8_t flag_s;
@@ -152,7 +152,8 @@ __global__ void broyden_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, 
       nf = static_cast<a_t>(
           block_safe_norm<kScale>(D, [&](int64_t j) { return static_cast<double>(fb[j]); }, redd));
     if (tid == 0)
-      flag_s = sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c);
+      flag_s =
+          sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, tol_p);
     __syncthreads();
   }
   const uint8_t fl = flag_s;
@@ -281,9 +282,11 @@ void broyden_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::T
                        const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
                        const std::optional<at::Tensor>& best_abs, const std::optional<at::Tensor>& best_rel,
                        const at::Tensor& U, const at::Tensor& V, const at::Tensor& z_prev, const at::Tensor& g_prev,
-                       int64_t k, double tol, double beta, bool stop_rel, double divergence, double eps) {
+                       int64_t k, double tol, double beta, bool stop_rel, double divergence, double eps,
+                       const std::optional<at::Tensor>& tol_t) {
   check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
   check_broyden(z, U, V, z_prev, g_prev, k);
+  check_tol(z, tol_t);
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor fz = fz_in.contiguous();
   const int64_t B = z.size(0), D = z.size(1), m = U.size(1);
@@ -298,7 +301,7 @@ void broyden_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::T
         z.data_ptr<scalar_t>(), fz.data_ptr<scalar_t>(), status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
         abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(), opt_ptr<scalar_t>(best_z),
         opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), U.data_ptr<a_t>(), V.data_ptr<a_t>(),
-        z_prev.data_ptr<a_t>(), g_prev.data_ptr<a_t>(), ws.data_ptr<a_t>(), D, m, sl, c);
+        z_prev.data_ptr<a_t>(), g_prev.data_ptr<a_t>(), ws.data_ptr<a_t>(), opt_ptr<a_t>(tol_t), D, m, sl, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -98,7 +98,7 @@ template <typename s_t, typename a_t>
 __device__ uint8_t block_head(const s_t* zb, const s_t* fb, int64_t D, int64_t b, int8_t* status,
                               int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
                               a_t* best_abs, a_t* best_rel, const StepScalars<a_t>& c,
-                              a_t* red, double* redd, uint8_t* flag) {
+                              const a_t* tol_p, a_t* red, double* redd, uint8_t* flag) {
   a_t sg = 0, sf = 0;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
     const a_t fv = static_cast<a_t>(fb[j]);
@@ -116,7 +116,8 @@ __device__ uint8_t block_head(const s_t* zb, const s_t* fb, int64_t D, int64_t b
   if (!sum_in_range(sf) && !::isnan(sf))
     nf = static_cast<a_t>(block_safe_norm<kScale>(D, [&](int64_t j) { return static_cast<double>(fb[j]); }, redd));
   if (threadIdx.x == 0) {
-    uint8_t fl = sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c);
+    uint8_t fl =
+        sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, tol_p);
     if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta)) fl |= kCheck;
     *flag = fl;
   }
@@ -137,8 +138,8 @@ __device__ bool block_damped_finite(const s_t* zb, const s_t* fb, int64_t D, a_t
 template <typename s_t, typename a_t>
 __global__ void picard_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, int8_t* status,
                               int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
-                              s_t* best_z, a_t* best_abs, a_t* best_rel, int64_t D,
-                              StepScalars<a_t> c) {
+                              s_t* best_z, a_t* best_abs, a_t* best_rel, const a_t* tol_p,
+                              int64_t D, StepScalars<a_t> c) {
   __shared__ a_t red[32];
   __shared__ double redd[32];
   __shared__ uint8_t flag;
@@ -147,7 +148,7 @@ __global__ void picard_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, i
   s_t* zb = z + b * D;
   const s_t* fb = fz + b * D;
   uint8_t fl = block_head<s_t, a_t>(zb, fb, D, b, status, n_iter, abs_res, rel_res, abs0, best_abs,
-                                    best_rel, c, red, redd, &flag);
+                                    best_rel, c, tol_p, red, redd, &flag);
   if ((fl & kCheck) && !block_damped_finite(zb, fb, D, c.beta, red)) {
     if (threadIdx.x == 0) flag_update_overflow(b, status, n_iter);  // keeps z
     fl &= static_cast<uint8_t>(~kStill);
@@ -163,8 +164,8 @@ template <typename s_t, typename a_t>
 __global__ void anderson_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, int8_t* status,
                                 int32_t* n_iter, a_t* abs_res, a_t* rel_res, const a_t* abs0,
                                 s_t* best_z, a_t* best_abs, a_t* best_rel, s_t* F, s_t* G, a_t* H,
-                                a_t* ws, double* Aws, int64_t D, int64_t m, int64_t slot,
-                                StepScalars<a_t> c) {
+                                a_t* ws, double* Aws, const a_t* tol_p, int64_t D, int64_t m,
+                                int64_t slot, StepScalars<a_t> c) {
   __shared__ a_t red[32];
   __shared__ double redd[32];
   __shared__ uint8_t flag;
@@ -177,7 +178,7 @@ __global__ void anderson_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz,
   s_t* zb = z + b * D;
   const s_t* fb = fz + b * D;
   const uint8_t fl = block_head<s_t, a_t>(zb, fb, D, b, status, n_iter, abs_res, rel_res, abs0,
-                                          best_abs, best_rel, c, red, redd, &flag);
+                                          best_abs, best_rel, c, tol_p, red, redd, &flag);
   s_t* Fs = F + (b * m + slot) * D;
   s_t* Gs = G + (b * m + slot) * D;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
@@ -292,8 +293,10 @@ void picard_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
                       const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
                       const std::optional<at::Tensor>& best_abs,
                       const std::optional<at::Tensor>& best_rel, double tol, double beta,
-                      bool stop_rel, double divergence, double eps) {
+                      bool stop_rel, double divergence, double eps,
+                      const std::optional<at::Tensor>& tol_t) {
   check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
+  check_tol(z, tol_t);
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor fz = fz_in.contiguous();
   const int64_t B = z.size(0), D = z.size(1);
@@ -306,7 +309,7 @@ void picard_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
         z.data_ptr<scalar_t>(), fz.data_ptr<scalar_t>(), status.data_ptr<int8_t>(),
         n_iter.data_ptr<int32_t>(), abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(),
         abs0.data_ptr<a_t>(), opt_ptr<scalar_t>(best_z), opt_ptr<a_t>(best_abs),
-        opt_ptr<a_t>(best_rel), D, c);
+        opt_ptr<a_t>(best_rel), opt_ptr<a_t>(tol_t), D, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -318,9 +321,11 @@ void anderson_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::
                         const std::optional<at::Tensor>& best_abs,
                         const std::optional<at::Tensor>& best_rel, const at::Tensor& F,
                         const at::Tensor& G, const at::Tensor& H, int64_t slot, double tol,
-                        double beta, bool stop_rel, double divergence, double eps, double lam) {
+                        double beta, bool stop_rel, double divergence, double eps, double lam,
+                        const std::optional<at::Tensor>& tol_t) {
   check_state(z, fz_in, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel);
   check_history(z, F, G, H, slot);
+  check_tol(z, tol_t);
   const int64_t B = z.size(0), D = z.size(1), m = F.size(1);
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor fz = fz_in.contiguous();
@@ -339,7 +344,8 @@ void anderson_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::
         n_iter.data_ptr<int32_t>(), abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(),
         abs0.data_ptr<a_t>(), opt_ptr<scalar_t>(best_z), opt_ptr<a_t>(best_abs),
         opt_ptr<a_t>(best_rel), F.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), H.data_ptr<a_t>(),
-        ws.data_ptr<a_t>(), m > kSmemM ? Aws.data_ptr<double>() : nullptr, D, m, slot, c);
+        ws.data_ptr<a_t>(), m > kSmemM ? Aws.data_ptr<double>() : nullptr, opt_ptr<a_t>(tol_t), D, m, slot,
+        c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

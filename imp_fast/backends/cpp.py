@@ -11,7 +11,10 @@ fast float sums are recomputed in double for a sample whose sum over/underflowed
 rel = 0 at an exact fixed point, an update that would overflow the storage dtype flags
 the sample NONFINITE before anything is written, the small Anderson system is solved in
 float64. Any history size m >= 1 (the CUDA op solves in shared memory up to m = 64 and
-in a global workspace beyond). Every tensor argument is checked (shape, dtype, device,
+in a global workspace beyond). Per-sample tolerances: every op takes a trailing optional
+``tol_t`` ((B,) in the compute dtype; ``LoopState.tol`` when set), with which sample b
+converges when its residual is below ``tol_t[b]`` (the scalar ``tol`` is then unused).
+Every tensor argument is checked (shape, dtype, device,
 contiguity) on CPU and CUDA alike (csrc/checks.h).
 
 Build the extension with ``pip install -e . --no-build-isolation`` (after installing
@@ -55,12 +58,12 @@ if _C is not None:
 
     @torch.library.register_fake("imp_fast::picard_step")
     def _picard_step_fake(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs,
-                          best_rel, tol, beta, stop_rel, divergence, eps):
+                          best_rel, tol, beta, stop_rel, divergence, eps, tol_t=None):
         return None
 
     @torch.library.register_fake("imp_fast::anderson_step")
     def _anderson_step_fake(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs,
-                            best_rel, F, G, H, slot, tol, beta, stop_rel, divergence, eps, lam):
+                            best_rel, F, G, H, slot, tol, beta, stop_rel, divergence, eps, lam, tol_t=None):
         return None
 
     # the overloads themselves: skips overload resolution on every call (eager speed)
@@ -77,17 +80,18 @@ def _fast_state(st: LoopState, p: StepParams, fz: torch.Tensor):
     subclasses (fake tensors), tracing. There the torch.ops call is used."""
     if _fast is None or type(fz) is not torch.Tensor or not fz.is_cpu:
         return None
+    tol_t = getattr(st, "tol", None)  # per-sample tolerances (B,) or None (scalar p.tol)
     hit = st.cache.get(("cpp", p))
-    if hit is not None and hit[0] is st.z:
+    if hit is not None and hit[0] is st.z and hit[18] is tol_t:
         return hit
     if torch.compiler.is_compiling():
         return None
     tensors = (st.z, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0, st.best_z, st.best_abs, st.best_rel,
                st.F, st.G, st.H)
-    if any(t is not None and type(t) is not torch.Tensor for t in tensors):
+    if any(t is not None and type(t) is not torch.Tensor for t in (*tensors, tol_t)):
         return None
     hit = st.cache[("cpp", p)] = (*tensors, float(p.tol), float(p.beta), bool(p.stop_rel), float(p.divergence),
-                                  float(p.eps), float(p.lam))
+                                  float(p.eps), float(p.lam), tol_t)
     return hit
 
 
@@ -112,7 +116,7 @@ def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     _picard_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
         st.best_z, st.best_abs, st.best_rel,
-        p.tol, p.beta, p.stop_rel, p.divergence, p.eps,
+        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, getattr(st, "tol", None),
     )
 
 
@@ -128,7 +132,7 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     _anderson_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
         st.best_z, st.best_abs, st.best_rel, st.F, st.G, st.H, slot,
-        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, p.lam,
+        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, p.lam, getattr(st, "tol", None),
     )
 
 
@@ -166,7 +170,7 @@ if _C is not None and hasattr(torch.ops.imp_fast, "broyden_step"):
 
     @torch.library.register_fake("imp_fast::broyden_step")
     def _broyden_step_fake(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel,
-                           U, V, z_prev, g_prev, k, tol, beta, stop_rel, divergence, eps):
+                           U, V, z_prev, g_prev, k, tol, beta, stop_rel, divergence, eps, tol_t=None):
         return None
 
     _broyden_op = torch.ops.imp_fast.broyden_step.default
@@ -179,7 +183,7 @@ if _C is not None and hasattr(torch.ops.imp_fast, "broyden_step"):
         _broyden_op(
             st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
             st.best_z, st.best_abs, st.best_rel, st.U, st.V, st.z_prev, st.g_prev, k,
-            p.tol, p.beta, p.stop_rel, p.divergence, p.eps,
+            p.tol, p.beta, p.stop_rel, p.divergence, p.eps, getattr(st, "tol", None),
         )
 
 else:  # stale build without the op: the loop runs the plain-torch step
