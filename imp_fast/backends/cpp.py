@@ -80,7 +80,7 @@ def _fast_state(st: LoopState, p: StepParams, fz: torch.Tensor):
     subclasses (fake tensors), tracing. There the torch.ops call is used."""
     if _fast is None or type(fz) is not torch.Tensor or not fz.is_cpu:
         return None
-    tol_t = getattr(st, "tol", None)  # per-sample tolerances (B,) or None (scalar p.tol)
+    tol_t = st.tol  # per-sample tolerances (B,) or None (scalar p.tol)
     hit = st.cache.get(("cpp", p))
     if hit is not None and hit[0] is st.z and hit[18] is tol_t:
         return hit
@@ -116,7 +116,7 @@ def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     _picard_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
         st.best_z, st.best_abs, st.best_rel,
-        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, getattr(st, "tol", None),
+        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, st.tol,
     )
 
 
@@ -132,7 +132,7 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
     _anderson_op(
         st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
         st.best_z, st.best_abs, st.best_rel, st.F, st.G, st.H, slot,
-        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, p.lam, getattr(st, "tol", None),
+        p.tol, p.beta, p.stop_rel, p.divergence, p.eps, p.lam, st.tol,
     )
 
 
@@ -183,7 +183,7 @@ if _C is not None and hasattr(torch.ops.imp_fast, "broyden_step"):
         _broyden_op(
             st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
             st.best_z, st.best_abs, st.best_rel, st.U, st.V, st.z_prev, st.g_prev, k,
-            p.tol, p.beta, p.stop_rel, p.divergence, p.eps, getattr(st, "tol", None),
+            p.tol, p.beta, p.stop_rel, p.divergence, p.eps, st.tol,
         )
 
 else:  # stale build without the op: the loop runs the plain-torch step
