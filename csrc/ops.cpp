@@ -242,6 +242,21 @@ void safe_norms(const s_t* z, const s_t* fz, int64_t n, double& ng, double& nf) 
   nf = std::sqrt(sf);
 }
 
+// ||f(z) - z|| and ||f(z)|| of one sample from its fast sums of squares; a sum outside
+// the range where the fast accumulation is exact to rounding is redone scale-safely.
+template <typename s_t, typename a_t>
+inline void norms_from_sums(a_t sg, a_t sf, const s_t* zb, const s_t* fb, int64_t D, a_t& abs_r, a_t& nf) {
+  if (sum_in_range(sg) && sum_in_range(sf)) {
+    abs_r = std::sqrt(sg);
+    nf = std::sqrt(sf);
+    return;
+  }
+  double ng, nfd;
+  safe_norms(zb, fb, D, ng, nfd);
+  abs_r = static_cast<a_t>(ng);
+  nf = static_cast<a_t>(nfd);
+}
+
 // Per-sample heads from the (sample, chunk) partial sums pg, pf of the samples running at
 // entry, in chunk order (deterministic); flags[b] as sample_head returns them (0 for
 // samples frozen at entry), plus kCheck when the sample moves and its damped update
@@ -262,15 +277,7 @@ void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, 
       sf += pf[b * nc + ch];
     }
     a_t abs_r, nf;
-    if (sum_in_range(sg) && sum_in_range(sf)) {
-      abs_r = std::sqrt(sg);
-      nf = std::sqrt(sf);
-    } else {
-      double ng, nfd;
-      safe_norms(z + b * D, fz + b * D, D, ng, nfd);
-      abs_r = static_cast<a_t>(ng);
-      nf = static_cast<a_t>(nfd);
-    }
+    norms_from_sums(sg, sf, z + b * D, fz + b * D, D, abs_r, nf);
     uint8_t fl =
         sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, tol_p);
     if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta)) fl |= kCheck;
@@ -370,15 +377,7 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
           a_t sg = 0, sf = 0;
           residual_sums(zb, fb, D, sg, sf);
           a_t abs_r, nf;
-          if (sum_in_range(sg) && sum_in_range(sf)) {
-            abs_r = std::sqrt(sg);
-            nf = std::sqrt(sf);
-          } else {
-            double ng, nfd;
-            safe_norms(zb, fb, D, ng, nfd);
-            abs_r = static_cast<a_t>(ng);
-            nf = static_cast<a_t>(nfd);
-          }
+          norms_from_sums(sg, sf, zb, fb, D, abs_r, nf);
           uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar, rr, a0, ba, br, c, tol_p);
           if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta) &&
               !damped_finite(zb, fb, c.beta, D)) {
