@@ -142,3 +142,20 @@ def test_backend_option_is_parsed_for_the_probing_cases(case):
     assert build_parser().parse_args(["reproduce", case, "--quick"]).backend == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["reproduce", "looped-transformer", "--quick", "--backend", "cpp"])
+
+
+def test_unavailable_backend_is_refused_before_training(monkeypatch, tmp_path, capsys, nothing_runs):
+    """A backend that cannot run here (e.g. triton without a GPU) is a parse error, not a
+    traceback after minutes of training."""
+    from imp_fast.backends import BackendUnavailable
+
+    def unavailable(name, device):
+        raise BackendUnavailable(f"backend {name!r} is not available: no CUDA device")
+
+    monkeypatch.setattr(common, "get_backend", unavailable)
+    with pytest.raises(SystemExit) as ei:
+        main(["reproduce", "deblur", "--quick", "--out", str(tmp_path), "--backend", "triton"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --backend: backend 'triton' is not available" in err and "Traceback" not in err
+    assert not os.listdir(tmp_path)

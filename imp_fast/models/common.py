@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..cli import output_dir, positive_int, seed_int
-from ..backends import BACKENDS
+from ..backends import BACKENDS, BackendUnavailable, get_backend
 from ..loop import solve
 from ..scaling import ScalingCurve, scaling_curve
 from . import distributed
@@ -64,6 +64,20 @@ class CheckpointError(ReproduceError):
     """A checkpoint or data cache in the run folder cannot be used."""
 
 
+def probe_backend(value: str) -> str:
+    """argparse type of --backend: a backend name that can run the case studies' probes here
+    (they run on CPU tensors), so a run does not train for minutes and then fail."""
+    names = ("auto",) + BACKENDS
+    if value not in names:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(names)}, got {value!r}")
+    if value != "auto":
+        try:
+            get_backend(value, torch.device("cpu"))
+        except BackendUnavailable as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; the case studies run on the CPU") from None
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, case: str, *, steps: bool = True,
                          probes: bool = True) -> None:
     """Options every case study shares; ``steps=False`` for a case that counts epochs,
@@ -83,9 +97,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, case: str, *, steps: b
                             help="training steps, >= 1 (default: per case)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per process, >= 1 (default 1)")
     if probes:
-        parser.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+        parser.add_argument("--backend", type=probe_backend, default="auto", metavar="{auto,reference,cpp,triton}",
                             help="backend of the Lipschitz probes' fused steps and pair ratios, as in "
-                                 "imp_fast.solve (default auto: cpp on CPU, triton on CUDA)")
+                                 "imp_fast.solve (default auto: cpp on CPU, triton on CUDA); checked "
+                                 "before training")
 
 
 def prepare_out(out) -> Path:
