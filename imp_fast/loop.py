@@ -157,6 +157,8 @@ def solve(
         budget, max_iter = _check_budget(max_iter, z0, batched)
     max_iter = check_int("max_iter", max_iter, minimum=1)
     tol_t = None
+    if isinstance(tol, torch.Tensor) and tol.dim() == 0 and not tol.dtype.is_complex:
+        tol = float(tol)  # a 0-d tensor is one tolerance for the batch
     if isinstance(tol, torch.Tensor):
         tol_t = _check_tol(tol, z0, batched)
         tol = 0.0  # the steps read st.tol

@@ -101,6 +101,13 @@ def test_bad_per_sample_tol():
         imp_fast.solve(g, z0, tol=torch.full((6,), 1e-4), batched=False)
 
 
+def test_zero_dim_tensor_is_one_tol():
+    f, x, z0 = _problem()
+    a = imp_fast.solve(lambda z: f(z, x), z0, tol=1e-6, backend="reference")
+    b = imp_fast.solve(lambda z: f(z, x), z0, tol=torch.tensor(1e-6), backend="reference")
+    assert torch.equal(a.n_iter, b.n_iter) and b.tol == pytest.approx(1e-6)
+
+
 def test_failure_message_names_the_range():
     f, x, z0 = _problem()
     tol = torch.tensor(TOLS, dtype=F64)
