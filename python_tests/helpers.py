@@ -50,3 +50,27 @@ def assert_compiled_op_writes_back(opov, args, *, min_changed):
     assert changed >= min_changed, (changed, min_changed)
     for i in set(tensor_idx) - set(mutable):
         torch.testing.assert_close(compiled[i], args[i], rtol=0, atol=0, equal_nan=True)
+
+
+def _cpp_devices():
+    """Devices the compiled ops are tested on: CPU, and CUDA (gpu-marked) where
+    imp_fast._C was built with CUDA and a GPU is present."""
+    import pytest
+
+    from imp_fast.backends import cpp
+
+    return ["cpu"] + [
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not (cpp.WITH_CUDA and torch.cuda.is_available()),
+                    reason="needs imp_fast._C built with CUDA and a GPU",
+                ),
+            ],
+        )
+    ]
+
+
+CPP_DEVICES = _cpp_devices()

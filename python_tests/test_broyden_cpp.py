@@ -26,24 +26,14 @@ from imp_fast.backends import cpp, get_backend  # noqa: E402
 from imp_fast.demo import make_problem  # noqa: E402
 from imp_fast.state import LoopState, StepParams  # noqa: E402
 
-from helpers import assert_compiled_op_writes_back, contractive_linear, linear_map  # noqa: E402
+from helpers import CPP_DEVICES, assert_compiled_op_writes_back, contractive_linear, linear_map  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 ZTOL = {F64: 1e-10, F32: 1e-4}
 
 # The CUDA twin (csrc/cuda/broyden.cu) against the same ground truth, where built and a GPU
 # is present.
-DEVICES = ["cpu"] + [
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not (cpp.WITH_CUDA and torch.cuda.is_available()), reason="needs imp_fast._C built with CUDA and a GPU"
-            ),
-        ],
-    )
-]
+DEVICES = CPP_DEVICES
 
 
 def _solve(f, z0, backend, **kw):

@@ -32,7 +32,7 @@ if cpp.unavailable_reason() is not None:
 
 from imp_fast import Status  # noqa: E402
 
-from helpers import assert_compiled_op_writes_back  # noqa: E402
+from helpers import CPP_DEVICES, assert_compiled_op_writes_back  # noqa: E402
 
 B, D, M = 6, 37, 3  # D: not a multiple of any vector width
 PARAMS = StepParams(tol=1e-4, beta=0.8, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)
@@ -40,17 +40,7 @@ OPS = ("picard_step", "anderson_step")
 # ops whose opcheck cases live in their own test module
 OPS_ELSEWHERE = {"pair_ratios": "test_pair_ratios.py", "broyden_step": "test_broyden_cpp.py"}
 
-DEVICES = ["cpu"] + [
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not (cpp.WITH_CUDA and torch.cuda.is_available()), reason="needs imp_fast._C built with CUDA and a GPU"
-            ),
-        ],
-    )
-]
+DEVICES = CPP_DEVICES
 
 
 def _state(op, dtype, best, stage, device="cpu"):

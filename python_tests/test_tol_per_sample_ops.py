@@ -26,22 +26,14 @@ from imp_fast.backends import broyden as plain  # noqa: E402
 from imp_fast.backends import cpp, reference  # noqa: E402
 from imp_fast.state import LoopState, StepParams  # noqa: E402
 
+from helpers import CPP_DEVICES  # noqa: E402
+
 F64, F32 = torch.float64, torch.float32
 OPS = ("picard_step", "anderson_step", "broyden_step")
 M = 3
 B, D = 6, 37  # D: not a multiple of any vector width
 
-DEVICES = ["cpu"] + [
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not (cpp.WITH_CUDA and torch.cuda.is_available()), reason="needs imp_fast._C built with CUDA and a GPU"
-            ),
-        ],
-    )
-]
+DEVICES = CPP_DEVICES
 
 
 def _params(stop_rel=False, tol=1e-4):
