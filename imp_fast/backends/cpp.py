@@ -28,8 +28,6 @@ from typing import Optional
 import torch
 
 from ..state import LoopState, StepParams
-from . import broyden as _plain_broyden
-from . import reference
 
 __all__ = ["NAME", "DEVICES", "picard_step", "anderson_step", "unavailable_reason", "WITH_CUDA"]
 
@@ -95,20 +93,8 @@ def _fast_state(st: LoopState, p: StepParams, fz: torch.Tensor):
     return hit
 
 
-# Per-sample tolerances (st.tol) need ops that take them; an extension built without
-# that argument runs the reference steps for such a state (same results, not fused).
-_TOL_OPS = _C is not None and "tol_t" in str(torch.ops.imp_fast.picard_step.default._schema)
-
-
-def _tol_fallback(st: LoopState) -> bool:
-    return st.tol is not None and not _TOL_OPS
-
-
 def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
     """z <- (1 - beta) z + beta f(z) for running samples; residuals and statuses first."""
-    if _tol_fallback(st):
-        reference.picard_step(st, fz, p)
-        return
     state = _fast_state(st, p, fz)
     if state is not None:
         _fast(state, fz)
@@ -122,9 +108,6 @@ def picard_step(st: LoopState, fz: torch.Tensor, p: StepParams) -> None:
 
 def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> None:
     """Type-II Anderson step (see ``reference.anderson_step``), one fused op."""
-    if _tol_fallback(st):
-        reference.anderson_step(st, fz, p, slot)
-        return
     state = _fast_state(st, p, fz)
     if state is not None:
         _fast(state, fz, slot)
@@ -139,12 +122,11 @@ def anderson_step(st: LoopState, fz: torch.Tensor, p: StepParams, slot: int) -> 
 
 # ----------------------------------------------------------------------------------------
 # The Lipschitz probes' fused finite-difference ratios (csrc/probes.cpp, csrc/cuda/probes.cu).
-# An extension built before the op existed (stale editable build) leaves pair_ratios None:
-# the probes then run the plain-torch ratios (reference.pair_ratios).
+# Without the extension pair_ratios is None: the probes run reference.pair_ratios.
 
 __all__ += ["pair_ratios"]
 
-if _C is not None and hasattr(torch.ops.imp_fast, "pair_ratios"):
+if _C is not None:
 
     @torch.library.register_fake("imp_fast::pair_ratios")
     def _pair_ratios_fake(y, dnorm, status, out):
@@ -166,7 +148,7 @@ else:
 # matching imp_fast/backends/broyden.py (the plain-torch step). ---
 __all__ += ["broyden_step"]
 
-if _C is not None and hasattr(torch.ops.imp_fast, "broyden_step"):
+if _C is not None:
 
     @torch.library.register_fake("imp_fast::broyden_step")
     def _broyden_step_fake(z, fz, status, n_iter, abs_res, rel_res, abs0, best_z, best_abs, best_rel,
@@ -177,14 +159,11 @@ if _C is not None and hasattr(torch.ops.imp_fast, "broyden_step"):
 
     def broyden_step(st: LoopState, fz: torch.Tensor, p: StepParams, k: int) -> None:
         """Limited-memory good Broyden step (see ``imp_fast.backends.broyden``), one fused op."""
-        if _tol_fallback(st):
-            _plain_broyden.broyden_step(st, fz, p, k)
-            return
         _broyden_op(
             st.z, fz, st.status, st.n_iter, st.abs_res, st.rel_res, st.abs0,
             st.best_z, st.best_abs, st.best_rel, st.U, st.V, st.z_prev, st.g_prev, k,
             p.tol, p.beta, p.stop_rel, p.divergence, p.eps, st.tol,
         )
 
-else:  # stale build without the op: the loop runs the plain-torch step
+else:  # no extension: the loop runs the plain-torch step
     broyden_step = None
