@@ -29,7 +29,6 @@
 // Storage dtypes float64, float32, float16, bfloat16; the history and every small vector
 // in the compute dtype (float64 for float64 storage, else float32). Scratch: four
 // D-vectors and 3 m coefficients per task (no (B, D) temporaries).
-#include <math.h>  // ::isfinite, used by step_common.h (ops.cpp gets it from Python.h)
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -47,43 +46,13 @@
 
 #include "broyden.h"
 #include "checks.h"
+#include "lanes.h"
 #include "step_common.h"
 
 namespace imp_fast {
 namespace {
 
-// AVX2+FMA clones of the hot loops beside the baseline ones (GCC picks at load time via
-// ifunc). "arch=x86-64-v3" (GCC >= 12) is chosen by CPU features; "arch=haswell" (as in
-// ops.cpp) is chosen only on CPUs identified as Haswell-family, so e.g. a Rocket Lake
-// Xeon ran the SSE2 baseline. Older GCC: an AVX2 clone (without FMA contraction).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
-#define IMP_FAST_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IMP_FAST_HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define IMP_FAST_HOT
-#endif
-
-constexpr int kLanes = 8;    // independent accumulators (lets the compiler vectorise)
-constexpr int64_t kBlk = 512;  // elements per block of the combine pass (stack buffers)
-
-// Small helpers of the hot loops: always inlined (GCC does not inline a function of the
-// default target into a target clone otherwise).
-#if defined(__GNUC__)
-#define IMP_FAST_INLINE inline __attribute__((always_inline))
-#else
-#define IMP_FAST_INLINE inline
-#endif
-
-template <typename a_t>
-IMP_FAST_INLINE a_t lane_sum(const a_t* s) {
-  // fixed pairwise tree over kLanes accumulators
-  a_t t[kLanes];
-  for (int l = 0; l < kLanes; ++l) t[l] = s[l];
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
-}
+constexpr int64_t kBlk = 512;  // elements of a block of the combine pass (stack buffers)
 
 // ||x|| of n values in double, scale-safe (as ops.cpp): narrower-than-double values are
 // summed in double directly; double values are divided by their largest magnitude
@@ -113,21 +82,23 @@ double safe_norm(int64_t n, Get get) {
 template <bool kUpd, typename s_t, typename a_t>
 IMP_FAST_HOT void head_pass(const s_t* zb, const s_t* fb, const a_t* zp, const a_t* gp, int64_t D, a_t* gb,
                             a_t* dz, a_t* dg, a_t& sg, a_t& sf) {
-  a_t g2[kLanes] = {}, f2[kLanes] = {};
+  using L = Lanes<a_t>;
+  L g2l = L::zero(), f2l = L::zero();
   int64_t j = 0;
   for (; j + kLanes <= D; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const a_t zv = static_cast<a_t>(zb[j + l]), fv = static_cast<a_t>(fb[j + l]);
-      const a_t gv = fv - zv;
-      g2[l] += gv * gv;
-      f2[l] += fv * fv;
-      gb[j + l] = gv;
-      if (kUpd) {
-        dz[j + l] = zv - zp[j + l];
-        dg[j + l] = gv - gp[j + l];
-      }
+    const L zv = L::load(zb + j), fv = L::load(fb + j);
+    const L gv = fv - zv;
+    g2l += gv * gv;
+    f2l += fv * fv;
+    gv.store(gb + j);
+    if (kUpd) {
+      (zv - L::load(zp + j)).store(dz + j);
+      (gv - L::load(gp + j)).store(dg + j);
     }
   }
+  a_t g2[kLanes], f2[kLanes];
+  g2l.store(g2);
+  f2l.store(f2);
   for (int l = 0; j < D; ++j, ++l) {
     const a_t zv = static_cast<a_t>(zb[j]), fv = static_cast<a_t>(fb[j]);
     const a_t gv = fv - zv;
@@ -143,58 +114,23 @@ IMP_FAST_HOT void head_pass(const s_t* zb, const s_t* fb, const a_t* zp, const a
   sf = lane_sum(f2);
 }
 
-#if defined(__GNUC__)
-// kLanes accumulators as N vectors of W elements (GCC/Clang vector extensions, 32 bytes:
-// one AVX register; two SSE registers in the baseline clone). Written out because GCC
-// vectorised the plain lane-array loop below across the loop over slots (with
-// gathers), and along D with permutes, several times slower.
-template <typename a_t>
-struct LaneVec {
-  static constexpr int W = 32 / static_cast<int>(sizeof(a_t));
-  static constexpr int N = kLanes / W;
-  typedef a_t type __attribute__((vector_size(32)));
-};
-#endif
-
 // (V_i.dg, V_i.g, U_i.dz) of one slot i, with kLanes accumulators each.
 template <typename a_t>
 IMP_FAST_HOT void slot_dots(const a_t* __restrict__ Ui, const a_t* __restrict__ Vi, const a_t* __restrict__ g,
                             const a_t* __restrict__ dz, const a_t* __restrict__ dg, int64_t D, a_t* out) {
   const int64_t Dv = D - D % kLanes;
+  using L = Lanes<a_t>;
+  L sa = L::zero(), sc = L::zero(), sd = L::zero();
+  for (int64_t j = 0; j < Dv; j += kLanes) {
+    const L vv = L::load(Vi + j);
+    sa += vv * L::load(dg + j);
+    sc += vv * L::load(g + j);
+    sd += L::load(Ui + j) * L::load(dz + j);
+  }
   a_t la[kLanes], lc[kLanes], ld[kLanes];
-#if defined(__GNUC__)
-  using LV = LaneVec<a_t>;
-  using L = typename LV::type;
-  constexpr int W = LV::W, N = LV::N;
-  L sa[N] = {}, sc[N] = {}, sd[N] = {};
-  for (int64_t j = 0; j < Dv; j += kLanes) {
-    for (int q = 0; q < N; ++q) {
-      L vv, x, y, u, w;
-      std::memcpy(&vv, Vi + j + q * W, sizeof(L));
-      std::memcpy(&x, dg + j + q * W, sizeof(L));
-      std::memcpy(&y, g + j + q * W, sizeof(L));
-      std::memcpy(&u, Ui + j + q * W, sizeof(L));
-      std::memcpy(&w, dz + j + q * W, sizeof(L));
-      sa[q] += vv * x;
-      sc[q] += vv * y;
-      sd[q] += u * w;
-    }
-  }
-  static_assert(sizeof(sa) == sizeof(la), "kLanes accumulators");
-  std::memcpy(la, sa, sizeof(la));
-  std::memcpy(lc, sc, sizeof(lc));
-  std::memcpy(ld, sd, sizeof(ld));
-#else
-  for (int l = 0; l < kLanes; ++l) la[l] = lc[l] = ld[l] = 0;
-  for (int64_t j = 0; j < Dv; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const a_t vv = Vi[j + l];
-      la[l] += vv * dg[j + l];
-      lc[l] += vv * g[j + l];
-      ld[l] += Ui[j + l] * dz[j + l];
-    }
-  }
-#endif
+  sa.store(la);
+  sc.store(lc);
+  sd.store(ld);
   for (int64_t j = Dv, l = 0; j < D; ++j, ++l) {
     la[l] += Vi[j] * dg[j];
     lc[l] += Vi[j] * g[j];

@@ -31,52 +31,35 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "lanes.h"
 #include "step_common.h"
 
 namespace imp_fast {
 namespace {
 
-// Hot loops get an AVX2+FMA clone beside the baseline one (GCC picks at load time via
-// ifunc), so a source build is fast on modern x86 without -march=native and still runs
-// everywhere. Clones change instruction selection only: the summation order is fixed by
-// the code (kLanes accumulators), so results agree across clones up to FMA contraction.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IMP_FAST_HOT __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define IMP_FAST_HOT
-#endif
-
 constexpr int64_t kChunk = 4096;  // elements of one sample per task (fixed: determinism)
-constexpr int kLanes = 8;         // independent accumulators (lets the compiler vectorise)
 
-template <typename a_t>
-inline a_t lane_sum(const a_t* s) {
-  // fixed pairwise tree over kLanes accumulators
-  a_t t[kLanes];
-  for (int k = 0; k < kLanes; ++k) t[k] = s[k];
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) t[k] += t[k + w];
-  return t[0];
-}
-
-// sum (fz - z)^2 and sum fz^2 over n elements
+// sum (fz - z)^2 and sum fz^2 over n elements (kLanes accumulators, lanes.h)
 template <typename s_t, typename a_t>
 IMP_FAST_HOT void residual_sums(const s_t* z, const s_t* fz, int64_t n, a_t& sg, a_t& sf) {
-  a_t g[kLanes] = {}, f[kLanes] = {};
+  using L = Lanes<a_t>;
+  L gl = L::zero(), fl = L::zero();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const a_t fv = static_cast<a_t>(fz[j + k]);
-      const a_t d = fv - static_cast<a_t>(z[j + k]);
-      g[k] += d * d;
-      f[k] += fv * fv;
-    }
+    const L fv = L::load(fz + j);
+    const L d = fv - L::load(z + j);
+    gl += d * d;
+    fl += fv * fv;
   }
+  a_t g[kLanes], f[kLanes];
+  gl.store(g);
+  fl.store(f);
   for (int k = 0; j < n; ++j, ++k) {
     const a_t fv = static_cast<a_t>(fz[j]);
     const a_t d = fv - static_cast<a_t>(z[j]);
@@ -88,11 +71,13 @@ IMP_FAST_HOT void residual_sums(const s_t* z, const s_t* fz, int64_t n, a_t& sg,
 }
 
 template <typename s_t, typename a_t>
-inline a_t dot_lanes(const s_t* x, const a_t* y, int64_t n) {
-  a_t s[kLanes] = {};
+IMP_FAST_INLINE a_t dot_lanes(const s_t* x, const a_t* y, int64_t n) {
+  using L = Lanes<a_t>;
+  L sl = L::zero();
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) s[k] += static_cast<a_t>(x[j + k]) * y[j + k];
+  for (; j + kLanes <= n; j += kLanes) sl += L::load(x + j) * L::load(y + j);
+  a_t s[kLanes];
+  sl.store(s);
   for (int k = 0; j < n; ++j, ++k) s[k] += static_cast<a_t>(x[j]) * y[j];
   return lane_sum(s);
 }
@@ -107,20 +92,21 @@ IMP_FAST_HOT void head_history_gram(const s_t* zb, const s_t* fb, s_t* Fb, s_t* 
                                     a_t& sf) {
   s_t* Fs = Fb + slot * D;
   s_t* Gs = Gb + slot * D;
-  a_t g2[kLanes] = {}, f2[kLanes] = {};
+  using L = Lanes<a_t>;
+  L g2l = L::zero(), f2l = L::zero();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const s_t fs = fb[j + k];
-      const a_t fv = static_cast<a_t>(fs);
-      const a_t g = fv - static_cast<a_t>(zb[j + k]);
-      g2[k] += g * g;
-      f2[k] += fv * fv;
-      gbuf[j + k] = g;
-      Fs[j + k] = fs;
-      Gs[j + k] = static_cast<s_t>(g);
-    }
+    const L fv = L::load(fb + j);
+    const L g = fv - L::load(zb + j);
+    g2l += g * g;
+    f2l += fv * fv;
+    g.store(gbuf + j);
+    std::memcpy(Fs + j, fb + j, kLanes * sizeof(s_t));
+    g.store(Gs + j);
   }
+  a_t g2[kLanes], f2[kLanes];
+  g2l.store(g2);
+  f2l.store(f2);
   for (int k = 0; j < n; ++j, ++k) {
     const s_t fs = fb[j];
     const a_t fv = static_cast<a_t>(fs);
@@ -139,7 +125,7 @@ IMP_FAST_HOT void head_history_gram(const s_t* zb, const s_t* fb, s_t* Fb, s_t* 
 // out[0:n] = sum_i al[i] X_i over one chunk (Xb: the sample's (m, D) buffer at the
 // chunk offset).
 template <typename s_t, typename a_t>
-inline void combine(const s_t* Xb, const a_t* al, int64_t m, int64_t D, int64_t n, a_t* out) {
+IMP_FAST_INLINE void combine(const s_t* Xb, const a_t* al, int64_t m, int64_t D, int64_t n, a_t* out) {
   for (int64_t i = 0; i < m; ++i) {
     const s_t* Xi = Xb + i * D;
     const a_t ai = al[i];
@@ -480,8 +466,89 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
     const int64_t B = s.B, D = s.D, nc = s.nc;
     int8_t* st_p = status.data_ptr<int8_t>();
 
+    int32_t* ni_p = n_iter.data_ptr<int32_t>();
+    a_t* ar_p = abs_res.data_ptr<a_t>();
+    a_t* rr_p = rel_res.data_ptr<a_t>();
+    const a_t* a0_p = abs0.data_ptr<a_t>();
+    a_t* ba_p = opt_ptr<a_t>(best_abs);
+    a_t* br_p = opt_ptr<a_t>(best_rel);
+    const a_t* tol_p = opt_ptr<a_t>(tol_t);
+    std::vector<a_t> alpha(B * m);
+    std::vector<uint8_t> solved(B, 0);
+
+    // Per sample running at entry, from its Gram row (the chunk partials, in chunk
+    // order): H's row/column, the regularised small solve in double, the weights.
+    auto gram_solve = [&](int64_t b, uint8_t fl, const a_t* prow_b, double* A, double* x) {
+      a_t* Hb = Hp + b * m * m;
+      for (int64_t i = 0; i < m; ++i) {
+        a_t r = 0;
+        for (int64_t ch = 0; ch < nc; ++ch) r += prow_b[ch * m + i];
+        Hb[slot * m + i] = r;
+        Hb[i * m + slot] = r;
+      }
+      if (!(fl & kStill)) return;
+      // float64 system: H widened, ridge lam * H_ss in float64 (as every backend)
+      const double ridge = lam * static_cast<double>(Hb[slot * m + slot]);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t k = 0; k < m; ++k)
+          A[i * m + k] = static_cast<double>(Hb[i * m + k]) + (i == k ? ridge : 0.0);
+      if (!solve_ones(A, x, m)) return;
+      double sum = 0;
+      for (int64_t i = 0; i < m; ++i) sum += x[i];
+      bool ok = std::isfinite(sum) && sum != 0.0;
+      for (int64_t i = 0; ok && i < m; ++i) {
+        const double a = x[i] / sum;
+        ok = std::isfinite(a);
+        alpha[b * m + i] = static_cast<a_t>(a);
+      }
+      solved[b] = ok ? 1 : 0;
+    };
+    auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc) -> bool {
+      return mix_into(Fp + b * m * D + off, Gp + b * m * D + off, alpha.data() + b * m, one_m_beta, m, D,
+                      n, out, gacc);
+    };
+    auto picard_chunk = [&](int64_t b, int64_t off, int64_t n) {
+      damped_update(zp + b * D + off, fp + b * D + off, c.beta, n);
+    };
+
+    if (nc == 1) {
+      // A sample fits one task: head, Gram row, solve and mix in one visit, so the mix
+      // reads the sample's history (m rows of F, and of G when beta != 1) back from
+      // cache instead of from memory. Same operations in the same order as the phased
+      // path below: the same results.
+      at::parallel_for(0, B, s.grain, [&](int64_t b0, int64_t b1) {
+        std::vector<a_t> gbuf(D), out(D), gacc(D), row(m);
+        std::vector<double> A(m * m), x(m);
+        for (int64_t b = b0; b < b1; ++b) {
+          if (st_p[b] != 0) continue;
+          s_t* zb = zp + b * D;
+          const s_t* fb = fp + b * D;
+          a_t sg, sf;
+          head_history_gram(static_cast<const s_t*>(zb), fb, Fp + b * m * D, Gp + b * m * D, slot, m, D, D,
+                            gbuf.data(), row.data(), sg, sf);
+          a_t abs_r, nf;
+          norms_from_sums(sg, sf, static_cast<const s_t*>(zb), fb, D, abs_r, nf);
+          uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c, tol_p);
+          if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta)) fl |= kCheck;
+          gram_solve(b, fl, row.data(), A.data(), x.data());
+          if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
+          if (!(fl & kStill)) continue;
+          bool ok = solved[b] != 0;
+          if (ok) ok = mix_chunk(b, 0, D, out.data(), gacc.data());
+          if (ok) {
+            store(zb, out.data(), D);
+          } else if ((fl & kCheck) && !damped_finite(zb, fb, c.beta, D)) {
+            flag_update_overflow(b, st_p, ni_p);  // Picard fallback overflows: frozen
+          } else {
+            picard_chunk(b, 0, D);
+          }
+        }
+      });
+      return;
+    }
+
     // Phase 1 (samples running at entry): residual partials, ring-buffer slot and Gram
-    // row partials in one pass; then the per-sample head (statuses, flags).
+    // row partials in one pass over (sample, chunk) tasks; then the per-sample head.
     std::vector<a_t> pg(B * nc), pf(B * nc), prow(B * nc * m);
     at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
       std::vector<a_t> gbuf(std::min(kChunk, D));
@@ -494,73 +561,18 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       }
     });
     std::vector<uint8_t> flags;
-    int32_t* ni_p = n_iter.data_ptr<int32_t>();
-    finish_heads(B, D, nc, pg, pf, static_cast<const s_t*>(zp), fp, st_p, ni_p, abs_res.data_ptr<a_t>(),
-                 rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(), opt_ptr<a_t>(best_abs),
-                 opt_ptr<a_t>(best_rel), c, opt_ptr<a_t>(tol_t), flags);
+    finish_heads(B, D, nc, pg, pf, static_cast<const s_t*>(zp), fp, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c,
+                 tol_p, flags);
 
-    // Per sample: Gram row/column, regularised small solve in double, weights.
-    std::vector<a_t> alpha(B * m);
-    std::vector<uint8_t> solved(B, 0);
+    // Phase 2 (per sample): Gram row/column, small solve, weights.
     at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (m * m * m + 1)), [&](int64_t b0, int64_t b1) {
       std::vector<double> A(m * m), x(m);
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint8_t fl = flags[b];
-        if (!(fl & kRunning)) continue;
-        a_t* Hb = Hp + b * m * m;
-        for (int64_t i = 0; i < m; ++i) {
-          a_t r = 0;
-          for (int64_t ch = 0; ch < nc; ++ch) r += prow[(b * nc + ch) * m + i];
-          Hb[slot * m + i] = r;
-          Hb[i * m + slot] = r;
-        }
-        if (!(fl & kStill)) continue;
-        // float64 system: H widened, ridge lam * H_ss in float64 (as every backend)
-        const double ridge = lam * static_cast<double>(Hb[slot * m + slot]);
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t k = 0; k < m; ++k)
-            A[i * m + k] = static_cast<double>(Hb[i * m + k]) + (i == k ? ridge : 0.0);
-        if (!solve_ones(A.data(), x.data(), m)) continue;
-        double sum = 0;
-        for (int64_t i = 0; i < m; ++i) sum += x[i];
-        bool ok = std::isfinite(sum) && sum != 0.0;
-        for (int64_t i = 0; ok && i < m; ++i) {
-          const double a = x[i] / sum;
-          ok = std::isfinite(a);
-          alpha[b * m + i] = static_cast<a_t>(a);
-        }
-        solved[b] = ok ? 1 : 0;
-      }
+      for (int64_t b = b0; b < b1; ++b)
+        if (flags[b] & kRunning) gram_solve(b, flags[b], prow.data() + b * nc * m, A.data(), x.data());
     });
 
     // Phase 3 (still-running samples): mix, finiteness check, z update (Picard fallback).
-    auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc) -> bool {
-      return mix_into(Fp + b * m * D + off, Gp + b * m * D + off, alpha.data() + b * m, one_m_beta, m, D,
-                      n, out, gacc);
-    };
-    auto picard_chunk = [&](int64_t b, int64_t off, int64_t n) {
-      damped_update(zp + b * D + off, fp + b * D + off, c.beta, n);
-    };
-    if (nc == 1) {
-      // whole sample in one task: mix into a local buffer, check, write z
-      at::parallel_for(0, B, s.grain, [&](int64_t b0, int64_t b1) {
-        std::vector<a_t> out(D), gacc(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          const uint8_t fl = flags[b];
-          if (fl & kBetter) std::copy(zp + b * D, zp + (b + 1) * D, bz + b * D);
-          if (!(fl & kStill)) continue;
-          bool ok = solved[b] != 0;
-          if (ok) ok = mix_chunk(b, 0, D, out.data(), gacc.data());
-          if (ok) {
-            store(zp + b * D, out.data(), D);
-          } else if ((fl & kCheck) && !damped_finite(zp + b * D, fp + b * D, c.beta, D)) {
-            flag_update_overflow(b, st_p, ni_p);  // Picard fallback overflows: frozen
-          } else {
-            picard_chunk(b, 0, D);
-          }
-        }
-      });
-    } else {
+    {
       // chunks of a sample on several threads: mixes in a workspace, then the write
       at::Tensor ws = at::empty({B, D}, z.options().dtype(c10::CppTypeToScalarType<a_t>::value));
       a_t* wp = ws.data_ptr<a_t>();

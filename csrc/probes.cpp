@@ -32,46 +32,32 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <math.h>  // ::isfinite, used by step_common.h
 #include <type_traits>
 
+#include "lanes.h"
 #include "probes_checks.h"
 #include "step_common.h"
 
 namespace imp_fast {
 namespace {
 
-// AVX2+FMA clones beside the baseline (GCC picks at load time by CPU features;
-// "arch=haswell" is picked only on CPUs identified as Haswell-family, so newer Xeons
-// ran the SSE2 baseline). Older GCC: an AVX2 clone.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
-#define IMP_FAST_PROBES_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IMP_FAST_PROBES_HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define IMP_FAST_PROBES_HOT
-#endif
-
-constexpr int kLanes = 8;  // independent double accumulators (vectorisable)
-
 // sum_j (x1[j] - x0[j])^2 in double, fixed order
 template <typename s_t>
-IMP_FAST_PROBES_HOT double diff_sq_sum(const s_t* x0, const s_t* x1, int64_t n) {
-  double acc[kLanes] = {};
+IMP_FAST_HOT double diff_sq_sum(const s_t* x0, const s_t* x1, int64_t n) {
+  using L = Lanes<double>;
+  L accl = L::zero();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const double d = static_cast<double>(x1[j + k]) - static_cast<double>(x0[j + k]);
-      acc[k] += d * d;
-    }
+    const L d = L::load(x1 + j) - L::load(x0 + j);
+    accl += d * d;
   }
+  double acc[kLanes];
+  accl.store(acc);
   for (int k = 0; j < n; ++j, ++k) {
     const double d = static_cast<double>(x1[j]) - static_cast<double>(x0[j]);
     acc[k] += d * d;
   }
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
-  return acc[0];
+  return lane_sum(acc);
 }
 
 // ||x1 - x0|| of double rows, scaled by the largest |difference| (the reference's

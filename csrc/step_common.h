@@ -6,6 +6,8 @@
 // NONFINITE, the small Anderson system solved in double.
 #pragma once
 
+#include <math.h>  // ::isfinite / ::fabs (host and device)
+
 #include <cmath>
 #include <cstdint>
 

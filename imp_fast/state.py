@@ -150,14 +150,30 @@ class LoopState:
         Active sets (``solve(..., compact=True)``): the running samples are gathered at
         a check, and the loop then steps only them.
         """
-        m = None if self.F is None else self.F.shape[1]
-        bm = None if self.U is None else self.U.shape[1]
-        out = LoopState.create(self.z.index_select(0, idx), m=m, return_best=self.best_z is not None, broyden_m=bm,
-                               tol=None if self.tol is None else self.tol.index_select(0, idx))
-        for name, t in self.tensors().items():
-            if t is not None and name not in ("z", "tol"):
-                torch.index_select(t, 0, idx, out=getattr(out, name))
-        return out
+        # Built from index_selects straight into fresh tensors (no zero-filled state made
+        # first: at a check of an Anderson solve that halved the gather's cost), keeping
+        # create()'s layouts: abs/rel and best_abs/best_rel as rows of one (2, k) tensor,
+        # G and F as the halves of one (2, k, m, D) buffer.
+        def sel(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.index_select(0, idx)
+
+        def pair(a: Optional[torch.Tensor], b: Optional[torch.Tensor]):
+            if a is None:
+                return None, None
+            both = a.new_empty((2, idx.numel()) + tuple(a.shape[1:]))
+            torch.index_select(a, 0, idx, out=both[0])
+            torch.index_select(b, 0, idx, out=both[1])
+            return both[0], both[1]
+
+        abs_res, rel_res = pair(self.abs_res, self.rel_res)
+        best_abs, best_rel = pair(self.best_abs, self.best_rel)
+        G, F = pair(self.G, self.F)
+        return LoopState(
+            z=sel(self.z), status=sel(self.status), n_iter=sel(self.n_iter), abs_res=abs_res, rel_res=rel_res,
+            abs0=sel(self.abs0), best_z=sel(self.best_z), best_abs=best_abs, best_rel=best_rel, F=F, G=G,
+            H=sel(self.H), U=sel(self.U), V=sel(self.V), z_prev=sel(self.z_prev), g_prev=sel(self.g_prev),
+            tol=sel(self.tol),
+        )
 
     def scatter_into(self, full: "LoopState", rows: torch.Tensor) -> None:
         """Write this (gathered) state's reported fields back into ``full`` at ``rows``."""
