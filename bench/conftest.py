@@ -1,8 +1,39 @@
-"""Benchmark setup: one torch thread, and a markdown summary of ms/iteration at the end."""
+"""Benchmark setup: one torch thread, fixed glibc malloc thresholds, and markdown
+summaries at the end."""
+import ctypes
+import ctypes.util
+import sys
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+def _pin_malloc_thresholds() -> bool:
+    """Fixed glibc malloc thresholds for the whole benchmark process.
+
+    torch's CPU allocator has no cache: every tensor is a malloc. glibc serves allocations
+    above a *dynamic* threshold with fresh mmaps and returns freed memory at the top of
+    the heap to the OS (trim), so whether a 9 MB tensor freed in one iteration is reused
+    in the next, or faulted in page by page again, depends on the heap's history: the
+    same bare ``y = G(y)`` loop measured 130 ms with no page faults and 230 ms with
+    94 000, depending on what ran before it in the process. With the thresholds fixed
+    (mmap only above 32 MB, no trimming) freed memory is reused, as a caching allocator
+    would, and every row of a table pays the same allocator costs.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+MALLOC_PINNED = _pin_malloc_thresholds()
 
 _ROWS = []
 _ACTIVE = []
@@ -49,6 +80,40 @@ def _active_summary(tr):
         tr.write_line(f"| {r['solver']} | {c} | {r['ms']:.1f} | {r['f_rows']} | {t} | {fr} | {wr} |")
 
 
+_INTERLEAVED = []
+
+
+def interleaved_round(runs, times):
+    """One round of ``runs`` (name -> callable), one after another, each time appended to
+    ``times[name]``. Used by the interleaved tables: the runs of a ratio alternate round
+    after round, so both sides see the same state of this shared machine (it drifts by
+    10-20% within a minute, more than the differences measured), and the ratio is taken
+    between their minima."""
+    import time
+
+    for name, fn in runs.items():
+        t0 = time.perf_counter()
+        fn()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+
+
+@pytest.fixture
+def record_interleaved():
+    def add(**row):
+        _INTERLEAVED.append(row)
+
+    return add
+
+
+def _interleaved_summary(tr):
+    tr.write_sep("=", "interleaved ratios (runs alternate round after round; min over rounds, 1 thread)")
+    tr.write_line("| table | run | baseline | ms | baseline ms | ratio | target | rounds |")
+    tr.write_line("|---|---|---|---|---|---|---|---|")
+    for r in _INTERLEAVED:
+        tr.write_line(f"| {r['table']} | {r['run']} | {r['baseline']} | {r['ms']:.1f} | {r['base_ms']:.1f} | "
+                      f"{r['ms'] / r['base_ms']:.2f}x | {r['target']} | {r['rounds']} |")
+
+
 @pytest.fixture
 def record_row():
     def add(**row):
@@ -58,10 +123,15 @@ def record_row():
 
 
 def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(
+        "glibc malloc thresholds pinned (mmap above 32 MB, no trim)" if MALLOC_PINNED
+        else "glibc malloc thresholds NOT pinned (not glibc): page-fault costs vary between runs")
     if _PROBES:
         _probe_summary(terminalreporter)
     if _ACTIVE:
         _active_summary(terminalreporter)
+    if _INTERLEAVED:
+        _interleaved_summary(terminalreporter)
     if not _ROWS:
         return
     tr = terminalreporter

@@ -7,11 +7,15 @@ Picard needs 8..~190 iterations per sample and Anderson (m=5) 7..~70, so
 on the whole batch most f work goes to samples that are already done. Each row is a
 full solve to tol; "f-rows" counts the rows f was evaluated on. torchdeq's solvers on
 the same batch (they stop when the whole batch meets tol) are shown beside them.
+test_active_sets_interleaved measures the targets' ratios with whole-batch and compacted
+solves alternating round after round, beside the floor (f alone on the compacted solve's
+working-set sizes).
 
 Run: ``pytest bench/test_bench_active_sets.py --benchmark-only``.
 """
 import pytest
 import torch
+from conftest import interleaved_round
 
 import imp_fast
 from imp_fast.backends import backend_status
@@ -74,3 +78,39 @@ def test_torchdeq_same_batch(benchmark, record_active, method):
     record_active(solver=f"torchdeq {dict(anderson='anderson_solver', broyden='broyden_solver').get(method, 'fixed_point_iter')}",
                   method=method, compact=None, ms=1e3 * benchmark.stats.stats.min, f_rows=rows[0],
                   iterations=rows[0] // B, n_min=None, n_max=None, work_ratio=None)
+
+
+TARGETS = {"picard": "<= 0.35x", "anderson": "<= 0.5x", "broyden": ""}
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
+def test_active_sets_interleaved(benchmark, record_interleaved, method):
+    """The issue's ratio, robust to machine drift: whole-batch and compacted solves of the
+    same batch alternate round after round (see conftest.interleaved_round). A third run,
+    "f alone", evaluates f on exactly the working-set sizes the compacted solve used, with
+    no solver: the least a compacted solve can cost (its ratio to the whole-batch solve is
+    the floor of the target's ratio with this f)."""
+    f, args, _ = heterogeneous_batch()
+    z0 = torch.zeros(B, D)
+    kw = dict(args=args, method=method, tol=TOL, max_iter=MAX_ITER, m=5 if method == "anderson" else None,
+              backend=BACKEND)
+    sizes = []
+    zs = imp_fast.solve(lambda z, *a: sizes.append(z.shape[0]) or f(z, *a), z0, compact=True, **kw).z
+
+    def f_alone():  # on the fixed points (values in the range the solve's iterates take)
+        with torch.no_grad():
+            for k in sizes:
+                f(zs[:k], *(a[:k] for a in args))
+
+    runs = {"whole": lambda: imp_fast.solve(f, z0, compact=False, **kw),
+            "compact": lambda: imp_fast.solve(f, z0, compact=True, **kw), "f": f_alone}
+    times = {}
+    benchmark.pedantic(interleaved_round, args=(runs, times), rounds=7, iterations=1, warmup_rounds=1)
+    times = {k: v[1:] for k, v in times.items()}  # the warm-up round's times
+    whole = min(times["whole"])
+    record_interleaved(table="active sets", run=f"compact {method} [{BACKEND}]", baseline="whole-batch",
+                       ms=1e3 * min(times["compact"]), base_ms=1e3 * whole, target=TARGETS[method],
+                       rounds=len(times["compact"]))
+    record_interleaved(table="active sets", run=f"f alone on the compact {method} working sets",
+                       baseline="whole-batch", ms=1e3 * min(times["f"]), base_ms=1e3 * whole, target="(floor)",
+                       rounds=len(times["f"]))

@@ -6,12 +6,15 @@ directions, so 64 x 9 = 576 rows of D = 4096, a cheap rank-16 G
 ``for t in range(40): y = G(y, xs)`` on the same stacked batch: the least any probe can
 cost. A probe adds one step per iteration (the backend's fused Picard or Anderson step,
 tol 0), one fused pair-ratio pass and one more evaluation of G (the residual of y_40).
-Times are the minimum over rounds, one thread, all rows from one run.
+Times are the minimum over rounds, one thread, all rows from one run; the targets' ratios
+are also measured interleaved (test_probe_ratios_interleaved: the bare loop and the cpp
+probes alternate round after round, so drift of this shared machine hits both alike).
 
 Run: ``pytest bench/test_bench_probes.py --benchmark-only``.
 """
 import pytest
 import torch
+from conftest import interleaved_round
 
 import imp_fast
 from imp_fast.backends import backend_status
@@ -35,8 +38,8 @@ def _problem():
     return G, x, d
 
 
-def test_bare_G_loop(benchmark, record_probe):
-    G, x, d = _problem()
+def _bare_loop(G, x, d):
+    """``for t in range(T): y = G(y, xs)`` on the probe's stacked batch, as a callable."""
     xs = torch.cat([x, (x.unsqueeze(0) + 0.05 * d.unsqueeze(1)).reshape(P * B, D)])
 
     def run():
@@ -46,7 +49,11 @@ def test_bare_G_loop(benchmark, record_probe):
                 y = G(y, xs)
         return y
 
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    return run
+
+
+def test_bare_G_loop(benchmark, record_probe):
+    benchmark.pedantic(_bare_loop(*_problem()), rounds=5, iterations=1, warmup_rounds=1)
     record_probe(what="bare G loop (40 G evaluations)", backend="", method="", ms=1e3 * benchmark.stats.stats.min)
 
 
@@ -62,3 +69,23 @@ def test_probe(benchmark, record_probe, backend, method):
     tr = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     assert tr.backend == backend and bool(torch.isfinite(tr.L).all())
     record_probe(what="lipschitz_trace", backend=backend, method=method, ms=1e3 * benchmark.stats.stats.min)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp extension is not built")
+def test_probe_ratios_interleaved(benchmark, record_interleaved):
+    """The issue's ratios, robust to machine drift: the bare G loop and the cpp probes
+    alternate round after round (see conftest.interleaved_round)."""
+    G, x, d = _problem()
+
+    def probe(method):
+        return lambda: imp_fast.lipschitz_trace(G, x, directions=d, eps=0.05, t_max=T, method=method, m=5,
+                                                backend="cpp")
+
+    runs = {"bare": _bare_loop(G, x, d), "picard": probe("picard"), "anderson": probe("anderson")}
+    times = {}
+    benchmark.pedantic(interleaved_round, args=(runs, times), rounds=5, iterations=1, warmup_rounds=1)
+    times = {k: v[1:] for k, v in times.items()}  # the warm-up round's times
+    for method, target in (("picard", "<= 1.15x"), ("anderson", "<= 1.6x")):
+        record_interleaved(table="probes", run=f"lipschitz_trace cpp {method}", baseline="bare G loop",
+                           ms=1e3 * min(times[method]), base_ms=1e3 * min(times["bare"]), target=target,
+                           rounds=len(times[method]))
