@@ -413,7 +413,6 @@ def test_get_solver_and_register_solvers_provide_broyden():
     (dict(LBFGS_thres=3.0), TypeError, "LBFGS_thres must be an int"),
     (dict(indexing=[2.5]), ValueError, "indexing"),
     (dict(indexing=5), TypeError, "indexing must be a list"),
-    (dict(ls=True), NotImplementedError, r"ls=True.*line search.*pass ls=False"),
     (dict(ls="yes"), TypeError, "ls must be a bool"),
 ])
 def test_bad_arguments_name_themselves(kw, exc, match):
@@ -442,3 +441,113 @@ def test_ls_false_and_unknown_kwargs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         drop_in.broyden_solver(f, z0, max_iter=5, tau=0.5)  # second time: silent
+
+
+# ------------------------------------------------------------------ line search (ls=True)
+
+
+# On an expansive map, float64 rounding differences (bmm here, einsum there) grow to ~1e-8
+# over 25 steps; the evaluation counts (every step size chosen) must match exactly.
+LS_ATOL = 1e-7
+
+
+def _expansive_problem(B=3, D=24, rho=2.5, seed=3):
+    """f(z) = tanh(rho Q z + x) with rho > 1: full Broyden steps overshoot early on, so
+    torchdeq's Armijo search backtracks (more f evaluations than steps)."""
+    return _problem(B=B, D=D, rho=rho, seed=seed)
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_line_search_iterates_info_and_evaluations_match_torchdeq(stop_mode):
+    f, _, _, z0 = _expansive_problem()
+    kw = dict(max_iter=25, tol=0.0, stop_mode=stop_mode, ls=True, indexing=[4, 12])
+    ours, theirs, n_ours, n_theirs = _both(f, z0, **kw)
+    assert n_theirs > 26, "the problem must make torchdeq backtrack"
+    assert n_ours == n_theirs
+    _assert_same(ours, theirs, atol=LS_ATOL)
+    _assert_info_equal(ours[2], theirs[2], atol=LS_ATOL)
+
+
+def test_line_search_batch_stops_together_as_in_torchdeq():
+    """One step size for the whole batch couples the samples: nothing freezes, and the
+    batch stops at the step where its largest residual is below tol."""
+    f, _, _, z0 = _expansive_problem(rho=1.6)
+    ours, theirs, n_ours, n_theirs = _both(f, z0, max_iter=60, tol=1e-8, stop_mode="abs", ls=True)
+    assert n_ours == n_theirs  # same step sizes, same stop
+    torch.testing.assert_close(ours[0], theirs[0], atol=LS_ATOL, rtol=0)
+    for key in ("abs_lowest", "rel_lowest", "abs_trace", "rel_trace"):
+        torch.testing.assert_close(ours[2][key], theirs[2][key], atol=LS_ATOL, rtol=0, msg=key)
+    assert bool((ours[2]["abs_lowest"] < 1e-8).all())
+    # the sample that stopped the batch reached tol last; one that had reached float64
+    # rounding long before has its lowest step decided by rounding noise
+    last = int(ours[2]["abs_lowest"].argmax())
+    assert int(ours[2]["nstep"][last]) == int(theirs[2]["nstep"][last]) == int(ours[2]["nstep"].max())
+    assert ours[2]["abs_trace"].shape[1] == theirs[2]["abs_trace"].shape[1]
+
+
+def test_line_search_with_return_final_and_a_small_ring():
+    f, _, _, z0 = _expansive_problem(B=2)
+    ours, theirs, n_ours, n_theirs = _both(f, z0, max_iter=20, tol=1e-6, ls=True, return_final=True,
+                                            LBFGS_thres=3)
+    assert n_ours == n_theirs
+    _assert_same(ours, theirs, atol=LS_ATOL)
+    _assert_info_equal(ours[2], theirs[2], atol=LS_ATOL)
+
+
+def test_line_search_on_a_bchw_state():
+    f, z0, _ = _conv_problem()
+    g = lambda z: f(3.0 * z)  # expansive: the search backtracks
+    ours, theirs, n_ours, n_theirs = _both(g, z0, max_iter=15, tol=0.0, ls=True)
+    assert n_ours == n_theirs
+    _assert_same(ours, theirs, atol=LS_ATOL)
+
+
+@pytest.mark.parametrize("name, phi", [
+    ("accepts the full step", lambda s: (1 - 0.3 * s) ** 2),
+    ("quadratic interpolation", lambda s: (1 - 0.1 * s) ** 2 + 5 * s ** 3),
+    ("cubic interpolation", lambda s: 1 - 0.5 * s + 30 * s ** 4),
+    ("infinite beyond 0.4", lambda s: (1 - s) ** 2 if s <= 0.4 else float("inf")),
+    ("no step satisfies", lambda s: 1 + s),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_armijo_search_matches_torchdeqs_scalar_search(name, phi, dtype):
+    from torchdeq.solver.broyden import scalar_search_armijo
+
+    from imp_fast.compat._loop import _Loop
+
+    t = lambda s: torch.tensor(phi(float(s)), dtype=dtype)
+    theirs, _, _ = scalar_search_armijo(t, t(0.0), -t(0.0), amin=1e-2)
+    ours = _Loop._armijo(t, t(0.0))
+    if theirs is None:
+        assert ours is None, name
+    else:
+        assert float(ours) == float(theirs), name
+
+
+def test_float32_line_search_takes_torchdeqs_decisions():
+    """The search runs in the state's dtype as torchdeq's: same step sizes (so the same
+    number of f evaluations) in float32 too."""
+    for seed in range(5):
+        f, _, _, z0 = _problem(B=3, D=24, rho=2.5, seed=seed, dtype=torch.float32)
+        ours, theirs, n_ours, n_theirs = _both(f, z0, max_iter=15, tol=0.0, ls=True)
+        assert n_ours == n_theirs, seed
+        # float32 rounding (bmm here, einsum there) grows fast on this expansive map:
+        # iterates are compared over the first steps
+        ours, theirs, _, _ = _both(f, z0, max_iter=6, tol=0.0, ls=True)
+        torch.testing.assert_close(ours[0], theirs[0], atol=1e-4, rtol=0)
+
+
+def test_line_search_through_non_finite_values_reports_them_and_keeps_a_finite_answer():
+    """f is infinite beyond |z| > 1.5: torchdeq's search sees phi = inf and backtracks;
+    samples whose residual became non-finite get NaN lowest residuals (as torchdeq
+    reports them), and the drop-in answers with their last finite lowest iterate where
+    torchdeq's answer is not finite."""
+    f0, _, _, z0 = _expansive_problem(D=24, rho=2.5, seed=0)
+    f = lambda z: torch.where(z.abs() > 1.5, torch.full_like(z, float("inf")), f0(z))
+    ours, theirs, n_ours, n_theirs = _both(f, z0, max_iter=10, tol=0.0, ls=True)
+    assert n_ours == n_theirs
+    for key in ("abs_lowest", "rel_lowest", "abs_trace", "rel_trace"):
+        torch.testing.assert_close(ours[2][key], theirs[2][key], atol=LS_ATOL, rtol=0, equal_nan=True, msg=key)
+    bad = torch.isnan(ours[2]["abs_lowest"])
+    assert bool(bad.any()) and not bool(bad.all())
+    assert bool(torch.isfinite(ours[0]).all())

@@ -25,6 +25,15 @@ share one algorithm, which this module runs for a whole batch on the device:
   step 30, the residual is below ``3 tol``": a sample meeting that is frozen like one
   below ``tol`` (with ``return_final``, nothing freezes and torchdeq's batch-wide rule
   ends the loop, as in torchdeq).
+* Broyden with torchdeq's line search (``ls=True``): each step's length ``s`` along the
+  Broyden direction is torchdeq's backtracking Armijo search (scipy's
+  ``scalar_search_armijo``: ``phi(s) = ||g(x + s u)||^2`` over the *whole batch*, ``phi``
+  infinite when any entry is not finite, sufficient decrease ``phi(s) <= (1 - 1e-4 s)
+  phi(0)``, quadratic then cubic interpolation, ``s`` not below 0.01, else ``s = 1``),
+  with torchdeq's evaluation reuse. One step size for the whole batch couples the
+  samples, so nothing freezes: the batch runs as in torchdeq, until its largest
+  stop-mode residual is below ``tol`` (or the "no progress" rule, or max_iter). The
+  search's arithmetic is torchdeq's: 0-d tensors in the compute dtype.
 
 What a step records follows torchdeq's ``update_state``: each of the two residuals
 (abs and rel) keeps its own lowest value and step; the stop-mode one also selects the
@@ -107,6 +116,7 @@ def run(
     per_sample: bool = True,
     indexing: Iterable[int] = (),
     lbfgs: int = 0,
+    ls: bool = False,
 ) -> LoopOut:
     """Run the loop on ``x0`` of shape (B, D); ``f`` maps (B, D) to (B, D) in x0's dtype.
 
@@ -117,15 +127,18 @@ def run(
     (torchdeq): no freezing, no early stop, every step counts as the lowest.
     ``lbfgs``: Broyden's memory (columns of ``U``/``V``; 0 means ``max_iter``).
     Broyden keeps the iterate (``keep`` is ignored) and is per sample only.
+    ``ls``: Broyden with torchdeq's batch-wide Armijo line search (module docstring).
     """
     if method not in ("anderson", "picard", "broyden"):
         raise ValueError(f"method must be 'anderson', 'picard' or 'broyden', got {method!r}")
     if method == "broyden" and not per_sample:
         raise ValueError("method='broyden' runs per sample only")
+    if ls and method != "broyden":
+        raise ValueError("ls=True is Broyden's line search")
     with torch.no_grad():
         return _Loop(f, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_final=return_final,
                      keep=keep, rel_eps=rel_eps, per_sample=per_sample, indexing=indexing).run(
-            method, m=m, lam=lam, tau=tau, lbfgs=lbfgs)
+            method, m=m, lam=lam, tau=tau, lbfgs=lbfgs, ls=ls)
 
 
 class _Loop:
@@ -144,6 +157,9 @@ class _Loop:
         self.rel_eps = rel_eps
         self.per_sample = per_sample
         self.indexing = set(indexing)
+        # One batch-wide decision per step (Broyden's line search): no sample freezes and
+        # the loop stops when the batch's largest residual is below tol, as in torchdeq.
+        self.coupled = False
         B, cdt, dev = self.B, self.cdt, self.dev
         self.value = x0
         self.lowest = {k: torch.full((B,), INIT_LOSS, dtype=cdt, device=dev) for k in ("abs", "rel")}
@@ -183,7 +199,9 @@ class _Loop:
             self.step[mode] = torch.where(better, s, self.step[mode])
             if mode == self.stop_mode:
                 self.value = torch.where(better[:, None], cand, self.value)
-        if not self.return_final:
+        if self.coupled:  # nothing freezes, but a residual that was not finite is reported
+            self.nonfinite |= (abs_r - abs_r) != 0
+        if not (self.return_final or self.coupled):
             res = diff[self.stop_mode]
             bad = was_active & ((abs_r - abs_r) != 0)  # NaN or Inf
             conv = was_active & (res < self.tol) & ~bad
@@ -202,13 +220,19 @@ class _Loop:
             self.snapshots.append((s, self.value))
         if self.return_final:
             return True
+        if self.coupled:  # torchdeq: go on unless the batch's largest residual is below tol
+            return not bool(diff[self.stop_mode].max() < self.tol)
         return bool(self.active.any())  # the one host sync of the step
 
     def finish(self) -> LoopOut:
         B = self.B
         trace = {k: (torch.stack(v, dim=1) if v else torch.zeros(B, 0, dtype=self.cdt, device=self.dev))
                  for k, v in self.trace.items()}
-        if self.return_final:
+        if self.coupled:  # as for a frozen non-finite sample: NaN lowest residuals
+            for mode in ("abs", "rel"):
+                self.lowest[mode] = torch.where(self.nonfinite, self.nan, self.lowest[mode])
+            self.converged = (self.lowest[self.stop_mode] < self.tol) & ~self.nonfinite
+        elif self.return_final:
             self.converged = (self.lowest[self.stop_mode] < self.tol)
             self.nonfinite = ~torch.isfinite(self.lowest["abs"])
         return LoopOut(self.value, self.lowest, self.step, trace, self.converged, self.nonfinite,
@@ -216,11 +240,11 @@ class _Loop:
 
     # ------------------------------------------------------------------ Picard
 
-    def run(self, method: str, *, m: int, lam: float, tau: float, lbfgs: int = 0) -> LoopOut:
+    def run(self, method: str, *, m: int, lam: float, tau: float, lbfgs: int = 0, ls: bool = False) -> LoopOut:
         if method == "picard":
             return self._picard(tau)
         if method == "broyden":
-            return self._broyden(lbfgs)
+            return self._broyden(lbfgs, ls)
         return self._anderson(m, lam, tau)
 
     def _picard(self, tau: float) -> LoopOut:
@@ -304,7 +328,8 @@ class _Loop:
     # the batch's residuals within a factor 1.3 of each other over the last 30 steps.
     STALL_AFTER, STALL_WINDOW, STALL_FACTOR, STALL_RATIO = 30, 30, 3.0, 1.3
 
-    def _broyden(self, lbfgs: int) -> LoopOut:
+    def _broyden(self, lbfgs: int, ls: bool = False) -> LoopOut:
+        self.coupled = ls
         if self.max_iter == 0:
             # torchdeq evaluates g(x0) and records nothing: the answer is x0.
             return self.finish()
@@ -333,15 +358,19 @@ class _Loop:
         gx = self.call(x).to(cdt) - xc
         update = -matvec(0, gx)
         for k in range(1, self.max_iter + 1):
-            # Frozen samples keep their iterate (and so their g and memory).
-            x_new = torch.where(self.active[:, None], (xc + update).to(sdt), x)
-            xc_new = x_new.to(cdt)
-            gx_new = self.call(x_new).to(cdt) - xc_new
+            if ls:
+                x_new, gx_new = self._line_search(xc, gx, update)
+                xc_new = x_new.to(cdt)
+            else:
+                # Frozen samples keep their iterate (and so their g and memory).
+                x_new = torch.where(self.active[:, None], (xc + update).to(sdt), x)
+                xc_new = x_new.to(cdt)
+                gx_new = self.call(x_new).to(cdt) - xc_new
             dx, dg = xc_new - xc, gx_new - gx
             go = self.record(k, gx_new, gx_new + xc_new, x_new,
                              stall_tol=stall if k > self.STALL_AFTER else -math.inf)
             x, xc, gx = x_new, xc_new, gx_new
-            if self.return_final and k > self.STALL_AFTER and self._batch_stalled(stall):
+            if (self.return_final or self.coupled) and k > self.STALL_AFTER and self._batch_stalled(stall):
                 break
             if not go or k == self.max_iter:
                 break
@@ -357,9 +386,74 @@ class _Loop:
             update = -matvec(min(k, L), gx)
         return self.finish()
 
+    # torchdeq's (scipy's) Armijo search: sufficient-decrease constant, smallest step.
+    ARMIJO_C1, ARMIJO_AMIN = 1e-4, 1e-2
+
+    def _line_search(self, xc: torch.Tensor, g0: torch.Tensor, update: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """torchdeq's ``line_search(update, x0, g0, g, on=True)``: the next iterate
+        ``x0 + s update`` (storage dtype) and its g (compute dtype), with ``s`` from the
+        batch-wide Armijo search of :meth:`_armijo`. Evaluations are reused as torchdeq
+        reuses them: ``phi`` at the step size it last evaluated costs nothing, and the
+        final g is that evaluation's when ``s`` is that step size. The objective values
+        are 0-d tensors of the compute dtype (x0's dtype for float32/float64, as in
+        torchdeq), so the search's arithmetic and decisions are torchdeq's."""
+        sdt, cdt = self.sdt, self.cdt
+        # torchdeq's phi(0) is the plain norm of g0 (NaN stays NaN); later values are
+        # inf when any entry is not finite
+        last = {"s": 0, "x": None, "g": g0, "phi": torch.linalg.vector_norm(g0) ** 2}
+
+        def at(s) -> Tuple[torch.Tensor, torch.Tensor]:
+            x = (xc + s * update).to(sdt)
+            return x, self.call(x).to(cdt) - x.to(cdt)
+
+        def phi(s):
+            if s == last["s"]:
+                return last["phi"]
+            x, g = at(s)
+            value = torch.linalg.vector_norm(g) ** 2 if bool(torch.isfinite(g).all()) else math.inf
+            last.update(s=s, x=x, g=g, phi=value)
+            return value
+
+        s = self._armijo(phi, last["phi"])
+        if s is None:  # no step length found: torchdeq takes the full step
+            s = 1.0
+        if s == last["s"] and last["x"] is not None:
+            return last["x"], last["g"]
+        return at(s)
+
+    @classmethod
+    def _armijo(cls, phi, phi0: torch.Tensor):
+        """scipy's ``scalar_search_armijo`` as torchdeq runs it (``derphi0 = -phi0``,
+        ``alpha0 = 1``, ``amin = 0.01``, 0-d tensor arithmetic): the step size, or None
+        when none is found. One host sync per comparison, as there."""
+        c1, amin = cls.ARMIJO_C1, cls.ARMIJO_AMIN
+        derphi0, alpha0 = -phi0, 1
+        phi_a0 = phi(alpha0)
+        if phi_a0 <= phi0 + c1 * alpha0 * derphi0:
+            return alpha0
+        alpha1 = -derphi0 * alpha0 ** 2 / 2.0 / (phi_a0 - phi0 - derphi0 * alpha0)
+        phi_a1 = phi(alpha1)
+        while alpha1 > amin:
+            factor = alpha0 ** 2 * alpha1 ** 2 * (alpha1 - alpha0)
+            a = alpha0 ** 2 * (phi_a1 - phi0 - derphi0 * alpha1) - alpha1 ** 2 * (phi_a0 - phi0 - derphi0 * alpha0)
+            a = a / factor
+            b = -alpha0 ** 3 * (phi_a1 - phi0 - derphi0 * alpha1) + alpha1 ** 3 * (phi_a0 - phi0 - derphi0 * alpha0)
+            b = b / factor
+            alpha2 = (-b + torch.sqrt(torch.abs(b ** 2 - 3 * a * derphi0))) / (3.0 * a)
+            phi_a2 = phi(alpha2)
+            if phi_a2 <= phi0 + c1 * alpha2 * derphi0:
+                return alpha2
+            if (alpha1 - alpha2) > alpha1 / 2.0 or (1 - alpha2 / alpha1) < 0.96:
+                alpha2 = alpha1 / 2.0
+            alpha0, alpha1 = alpha1, alpha2
+            phi_a0, phi_a1 = phi_a1, phi_a2
+        return None
+
     def _batch_stalled(self, stall: float) -> bool:
-        """torchdeq's batch-wide "no progress" test (``return_final`` only: there no
-        sample freezes, so the batch stops as torchdeq's does). One host check."""
+        """torchdeq's batch-wide "no progress" test (with ``return_final`` or the line
+        search: there no sample freezes, so the batch stops as torchdeq's does). One
+        host check."""
         last = self.trace[self.stop_mode][-self.STALL_WINDOW:]
         tr = torch.stack(last)                                  # (30, B)
         progress = tr.max(dim=1).values / tr.min(dim=1).values  # per step: batch max / min

@@ -65,9 +65,12 @@ Remaining differences, by design:
   like one below ``tol`` (so its answer is torchdeq's for it alone, and the batch
   never runs longer than torchdeq's). With ``return_final=True`` nothing freezes and
   torchdeq's batch-wide test ends the loop exactly as in torchdeq;
-* ``broyden_solver(ls=True)`` raises ``NotImplementedError``: torchdeq's Armijo line
-  search picks one step size for the whole batch from the norm over all samples,
-  which would couple the samples the drop-in solves independently;
+* ``broyden_solver(ls=True)`` runs torchdeq's Armijo line search, which picks one step
+  size for the whole batch from the norm over all samples: the samples are coupled
+  there, so nothing freezes and the batch stops as torchdeq's does (its largest
+  stop-mode residual below ``tol``, the "no progress" rule, or max_iter), with the
+  search's arithmetic in the compute dtype as torchdeq's (float16/bfloat16 states search
+  in float32);
 * Gram matrices, norms and weights (and Broyden's pairs, steps and residuals) are
   float32 or wider (torchdeq works in x0's dtype and cannot run Anderson on bfloat16);
   sums are accumulated in another order, so iterates agree to rounding, not bit for
@@ -342,19 +345,12 @@ def _run(func, x0, *, method: str, max_iter, tol, stop_mode, indexing, tau, retu
         numpy_bool = type(ls).__module__ == "numpy" and getattr(getattr(ls, "dtype", None), "kind", "") == "b"
         if ls is not None and not isinstance(ls, (bool, numbers.Integral)) and not numpy_bool:
             raise TypeError(f"ls must be a bool, got {type(ls).__name__} ({ls!r})")
-        if ls:
-            raise NotImplementedError(
-                "broyden_solver(ls=True): the Armijo line search is not provided. torchdeq's searches one "
-                "step size for the whole batch from the norm over all samples, which couples the samples "
-                "that this drop-in solves independently; pass ls=False (torchdeq's default) or use "
-                "torchdeq.solver.broyden_solver for ls=True"
-            )
         # torchdeq's broyden_solver keeps the state after step s when s + 1 is in indexing.
         loop_steps = tuple(s - 1 for s in steps)
     out = _loop.run(
         layout.wrap(func, "func"), layout.pack(x0).detach(), method=method, max_iter=max_iter, tol=tol,
         stop_mode=stop_mode, m=m, lam=lam, tau=tau, return_final=bool(return_final), keep="f",
-        rel_eps=1e-9, per_sample=True, indexing=loop_steps, lbfgs=lbfgs or 0,
+        rel_eps=1e-9, per_sample=True, indexing=loop_steps, lbfgs=lbfgs or 0, ls=bool(ls),
     )
     n_trace = max(max_iter - 1, 1) if method == "anderson" else max_iter + 1
     info = _info_from_loop(out, stop_mode, n_trace)
@@ -392,8 +388,8 @@ def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=No
 
     Returns the lowest-residual *iterate* (not ``f`` of it), as torchdeq does.
     ``LBFGS_thres`` is the number of Broyden pairs kept (a ring; ``None``: ``max_iter``).
-    ``ls=True`` (torchdeq's Armijo line search) raises ``NotImplementedError``. See the
-    module docstring for what matches torchdeq and what differs.
+    ``ls=True`` runs torchdeq's batch-wide Armijo line search (no per-sample freezing
+    then). See the module docstring for what matches torchdeq and what differs.
     """
     _warn_ignored("broyden_solver", kwargs)
     return _run(func, x0, method="broyden", max_iter=max_iter, tol=tol, stop_mode=stop_mode, indexing=indexing,
