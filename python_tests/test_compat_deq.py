@@ -130,8 +130,49 @@ def test_broyden_reaches_the_float64_fixed_point():
     out = deq.broyden(f, torch.zeros_like(x), 60, eps=1e-10, stop_mode="abs", ls=False, name="forward")
     assert set(LOCUSLAB_KEYS) <= set(out)
     torch.testing.assert_close(out["result"], _picard_reference(f, torch.zeros_like(x)), atol=1e-9, rtol=0)
-    with pytest.raises(NotImplementedError, match="line search"):
-        deq.broyden(f, torch.zeros_like(x), 10, ls=True)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_broyden_with_line_search_reaches_the_float64_fixed_point(per_sample):
+    f, x = _conv_problem()
+    out = deq.broyden(f, torch.zeros_like(x), 60, eps=1e-10, stop_mode="abs", ls=True, name="forward",
+                      per_sample=per_sample)
+    assert set(LOCUSLAB_KEYS) <= set(out)
+    assert out["result"].shape == x.shape
+    torch.testing.assert_close(out["result"], _picard_reference(f, torch.zeros_like(x)), atol=1e-9, rtol=0)
+    assert out["lowest"] < 1e-10 and bool(out["converged"].all())
+    assert len(out["abs_trace"]) == 61
+    if not per_sample:  # locuslab's whole-batch residual: one lowest, one step for all
+        assert out["lowest_per_sample"].unique().numel() == 1
+        assert out["nstep_per_sample"].unique().numel() == 1
+    with pytest.raises(TypeError, match="ls must be a bool"):
+        deq.broyden(f, torch.zeros_like(x), 10, ls="yes")
+
+
+def test_broyden_line_search_is_torchdeqs_for_one_sample():
+    """locuslab's Broyden line search is the one torchdeq took over: for a batch of one
+    (where locuslab's whole-batch norms are the sample's), the drop-in's answer, lowest
+    residual and step equal torchdeq's broyden_solver(ls=True), with the same number of
+    f evaluations, on an expansive map where the search backtracks."""
+    tdeq = pytest.importorskip("torchdeq.solver")
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=torch.float64))
+    xin = torch.randn(1, 24, generator=g, dtype=torch.float64)
+    calls = {"ours": 0, "theirs": 0}
+
+    def counted(key):
+        def f(z):
+            calls[key] += 1
+            return torch.tanh(z @ (2.5 * Q).T + xin)
+        return f
+
+    z0 = torch.zeros(1, 24, dtype=torch.float64)
+    ours = deq.broyden(counted("ours"), z0, 25, eps=1e-12, stop_mode="abs", ls=True)
+    z, _, info = tdeq.broyden_solver(counted("theirs"), z0, max_iter=25, tol=1e-12, stop_mode="abs", ls=True)
+    assert calls["ours"] == calls["theirs"] > 26  # same step sizes; the search backtracked
+    torch.testing.assert_close(ours["result"], z, atol=1e-7, rtol=0)
+    assert ours["lowest"] == pytest.approx(float(info["abs_lowest"][0]), abs=1e-7)
+    assert ours["nstep"] == int(info["nstep"][0])
 
 
 # --------------------------------------------------------------------------------------

@@ -126,13 +126,15 @@ def run(
     all samples, while each sample keeps its own Anderson weights. ``return_final``
     (torchdeq): no freezing, no early stop, every step counts as the lowest.
     ``lbfgs``: Broyden's memory (columns of ``U``/``V``; 0 means ``max_iter``).
-    Broyden keeps the iterate (``keep`` is ignored) and is per sample only.
+    Broyden keeps the iterate (``keep`` is ignored) and is per sample only unless ``ls``.
     ``ls``: Broyden with torchdeq's batch-wide Armijo line search (module docstring).
     """
     if method not in ("anderson", "picard", "broyden"):
         raise ValueError(f"method must be 'anderson', 'picard' or 'broyden', got {method!r}")
-    if method == "broyden" and not per_sample:
-        raise ValueError("method='broyden' runs per sample only")
+    if method == "broyden" and not per_sample and not ls:
+        # per-sample freezing needs per-sample residuals; with the line search nothing
+        # freezes and a whole-batch residual is locuslab's
+        raise ValueError("method='broyden' runs per sample only (except with ls=True)")
     if ls and method != "broyden":
         raise ValueError("ls=True is Broyden's line search")
     with torch.no_grad():

@@ -43,7 +43,8 @@ Differences from locuslab's ``anderson``:
   accepted).
 
 :func:`broyden` runs :func:`imp_fast.solve` with ``method="broyden"`` (limited-memory
-good Broyden, restarted when its memory is full; no line search).
+good Broyden, restarted when its memory is full); with ``ls=True``, locuslab's Broyden
+with its batch-wide Armijo line search (see :func:`broyden`).
 """
 from __future__ import annotations
 
@@ -178,24 +179,54 @@ def anderson(f, x0, m=6, lam=1e-4, threshold=50, eps=1e-3, stop_mode="rel", beta
 
 def broyden(f, x0, threshold, eps=1e-3, stop_mode="rel", ls=False, name="unknown", *, per_sample=True,
             **kwargs) -> Dict:
-    """locuslab/deq's ``broyden``, on :func:`imp_fast.solve` with ``method="broyden"``
+    """locuslab/deq's ``broyden``.
+
+    ``ls=False`` (locuslab's default): :func:`imp_fast.solve` with ``method="broyden"``
     (the engine's limited-memory good Broyden with the backend's step; memory
-    ``min(threshold, 30)``). ``ls=True`` (line search) raises ``NotImplementedError``.
+    ``min(threshold, 30)``). ``ls=True``: locuslab's Broyden with its Armijo line search
+    (the algorithm torchdeq's ``broyden_solver`` took over; :mod:`imp_fast.compat._loop`,
+    memory ``threshold``): one step size for the whole batch, so the samples are coupled
+    and nothing freezes; the batch stops when its largest ``stop_mode`` residual (the
+    whole-batch residual with ``per_sample=False``, as in locuslab) is below ``eps``.
     """
     from .. import loop
 
-    if ls:
-        raise NotImplementedError("broyden(ls=True): the engine's Broyden has no line search; pass ls=False")
     _warn_ignored("broyden", kwargs)
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
     x0 = _check_x0(x0)
     threshold = _int("threshold", threshold, 1)
     eps = _real("eps", eps, positive=True)
     stop_mode = _stop_mode(stop_mode)
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be a bool, got {type(per_sample).__name__}")
+    numpy_bool = getattr(getattr(ls, "dtype", None), "kind", "") == "b"
+    if not isinstance(ls, (bool, numbers.Integral)) and not numpy_bool:
+        raise TypeError(f"ls must be a bool, got {type(ls).__name__} ({ls!r})")
+    alt = "abs" if stop_mode == "rel" else "rel"
+    if ls:
+        B = x0.shape[0]
+        out = _loop.run(_wrap(f, x0), x0.detach().reshape(B, -1), method="broyden", max_iter=threshold, tol=eps,
+                        stop_mode=stop_mode, rel_eps=1e-9, per_sample=per_sample, ls=True)
+        nstep = out.step[stop_mode]  # the step of the lowest residual (k = f evaluations after g(x0))
+        low = out.lowest[stop_mode]
+        tr_stop, tr_alt = out.trace[stop_mode].amax(dim=0), out.trace[alt].amax(dim=0)
+        lows = torch.stack([low.max(), out.lowest[alt].max()]).tolist()
+        return {
+            "result": out.value.view(x0.shape),
+            "lowest": lows[0],
+            "nstep": int(nstep.max()),
+            "prot_break": False,
+            f"{stop_mode}_trace": _padded(tr_stop.tolist(), threshold + 1, lows[0]),
+            f"{alt}_trace": _padded(tr_alt.tolist(), threshold + 1, lows[1]),
+            "eps": eps,
+            "threshold": threshold,
+            "lowest_per_sample": low,
+            "nstep_per_sample": nstep,
+            "converged": out.converged,
+        }
     r = loop.solve(f, x0, method="broyden", max_iter=threshold, tol=eps, stop=stop_mode, return_best=True,
                    trace=True, check_every=1, eps=1e-9, batched=per_sample)
-    alt = "abs" if stop_mode == "rel" else "rel"
     traces = {"abs": r.trace_abs, "rel": r.trace_rel}  # (T, B'), B' = B or 1
     low = {"abs": r.abs_residual, "rel": r.rel_residual}
     # The step of each sample's lowest residual: the first minimum of its trace.
