@@ -46,6 +46,7 @@
 
 #include "broyden.h"
 #include "checks.h"
+#include "cpu_norms.h"
 #include "lanes.h"
 #include "step_common.h"
 
@@ -53,29 +54,6 @@ namespace imp_fast {
 namespace {
 
 constexpr int64_t kBlk = 512;  // elements of a block of the combine pass (stack buffers)
-
-// ||x|| of n values in double, scale-safe (as ops.cpp): narrower-than-double values are
-// summed in double directly; double values are divided by their largest magnitude
-// first. A NaN gives NaN, an infinity +inf.
-template <bool kScale, typename Get>
-double safe_norm(int64_t n, Get get) {
-  double mx = 1.0;
-  if (kScale) {
-    mx = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      const double a = std::abs(get(j));
-      if (std::isnan(a)) return a;
-      if (a > mx) mx = a;
-    }
-    if (mx == 0.0 || std::isinf(mx)) return mx;
-  }
-  double s = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double v = get(j) / mx;
-    s += v * v;
-  }
-  return mx * std::sqrt(s);
-}
 
 // Head pass of one sample: sg = sum g^2, sf = sum fz^2 with g = fz - z, g into gb; with
 // kUpd also dz = z - z_prev and dg = g - g_prev.
@@ -348,15 +326,7 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
           head_pass<false>(static_cast<const s_t*>(zb), fb, zpb, gpb, D, g, dz, dg, sg, sf);
         }
         a_t abs_r, nf;
-        if (sum_in_range(sg) && sum_in_range(sf)) {
-          abs_r = std::sqrt(sg);
-          nf = std::sqrt(sf);
-        } else {
-          constexpr bool kScale = std::is_same<s_t, double>::value;
-          abs_r = static_cast<a_t>(safe_norm<kScale>(
-              D, [&](int64_t j) { return static_cast<double>(fb[j]) - static_cast<double>(zb[j]); }));
-          nf = static_cast<a_t>(safe_norm<kScale>(D, [&](int64_t j) { return static_cast<double>(fb[j]); }));
-        }
+        norms_from_sums(sg, sf, static_cast<const s_t*>(zb), fb, D, abs_r, nf);
         const uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c, tol_p);
         if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
         if (!(fl & kStill)) continue;

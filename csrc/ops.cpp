@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_norms.h"
 #include "lanes.h"
 #include "step_common.h"
 
@@ -187,60 +188,6 @@ inline Shape shape_of(const at::Tensor& z) {
   const int64_t per_task = std::max<int64_t>(1, std::min(s.D, kChunk));
   s.grain = std::max<int64_t>(1, 32768 / per_task);  // >= ~32K elements per thread
   return s;
-}
-
-// ||fz - z|| and ||fz|| of one sample of n elements, scale-safe, in double: float32
-// and narrower values are accumulated in double (their squares can neither overflow
-// nor underflow there); double values are divided by their largest magnitude first.
-// A NaN gives NaN, an infinity +inf.
-template <typename Get>
-double scaled_norm(int64_t n, Get get) {
-  double mx = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double a = std::abs(get(j));
-    if (std::isnan(a)) return a;
-    if (a > mx) mx = a;
-  }
-  if (mx == 0.0 || std::isinf(mx)) return mx;
-  double s = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double v = get(j) / mx;
-    s += v * v;
-  }
-  return mx * std::sqrt(s);
-}
-
-template <typename s_t>
-void safe_norms(const s_t* z, const s_t* fz, int64_t n, double& ng, double& nf) {
-  if (std::is_same<s_t, double>::value) {
-    ng = scaled_norm(n, [&](int64_t j) { return static_cast<double>(fz[j]) - static_cast<double>(z[j]); });
-    nf = scaled_norm(n, [&](int64_t j) { return static_cast<double>(fz[j]); });
-    return;
-  }
-  double sg = 0, sf = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double f = static_cast<double>(fz[j]);
-    const double d = f - static_cast<double>(z[j]);
-    sg += d * d;
-    sf += f * f;
-  }
-  ng = std::sqrt(sg);
-  nf = std::sqrt(sf);
-}
-
-// ||f(z) - z|| and ||f(z)|| of one sample from its fast sums of squares; a sum outside
-// the range where the fast accumulation is exact to rounding is redone scale-safely.
-template <typename s_t, typename a_t>
-inline void norms_from_sums(a_t sg, a_t sf, const s_t* zb, const s_t* fb, int64_t D, a_t& abs_r, a_t& nf) {
-  if (sum_in_range(sg) && sum_in_range(sf)) {
-    abs_r = std::sqrt(sg);
-    nf = std::sqrt(sf);
-    return;
-  }
-  double ng, nfd;
-  safe_norms(zb, fb, D, ng, nfd);
-  abs_r = static_cast<a_t>(ng);
-  nf = static_cast<a_t>(nfd);
 }
 
 // Per-sample heads from the (sample, chunk) partial sums pg, pf of the samples running at

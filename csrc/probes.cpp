@@ -34,6 +34,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu_norms.h"
 #include "lanes.h"
 #include "probes_checks.h"
 #include "step_common.h"
@@ -60,29 +61,12 @@ IMP_FAST_HOT double diff_sq_sum(const s_t* x0, const s_t* x1, int64_t n) {
   return lane_sum(acc);
 }
 
-// ||x1 - x0|| of double rows, scaled by the largest |difference| (the reference's
-// scale-safe norm): NaN for a NaN difference, +inf for an infinite one, 0 for none.
-double scaled_diff_norm(const double* x0, const double* x1, int64_t n) {
-  double mx = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double a = std::abs(x1[j] - x0[j]);
-    if (std::isnan(a)) return a;
-    if (a > mx) mx = a;
-  }
-  if (mx == 0.0 || std::isinf(mx)) return mx;
-  double s = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double v = (x1[j] - x0[j]) / mx;
-    s += v * v;
-  }
-  return mx * std::sqrt(s);
-}
-
 template <typename s_t>
 double pair_norm(const s_t* x0, const s_t* x1, int64_t n) {
   const double s = diff_sq_sum(x0, x1, n);
   if constexpr (std::is_same<s_t, double>::value) {
-    if (!sum_in_range(s) && !std::isnan(s)) return scaled_diff_norm(x0, x1, n);
+    // the reference's scale-safe norm of the difference (a NaN sum stays NaN)
+    if (!sum_in_range(s) && !std::isnan(s)) return safe_norm<true>(n, [&](int64_t j) { return x1[j] - x0[j]; });
   }
   return std::sqrt(s);
 }

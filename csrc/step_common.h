@@ -48,7 +48,7 @@ inline StepScalars<a_t> make_scalars(double tol, double beta, bool stop_rel, dou
 
 // Squared-norm sums outside [kSumLo, max] (or NaN) may have overflowed or lost
 // precision to underflow in the fast accumulation: such a sample's norms are recomputed
-// scale-safely (safe_norms in ops.cpp / the CUDA kernels). The lower bound keeps the
+// scale-safely (cpu_norms.h / the CUDA kernels' block_safe_norm). The lower bound keeps the
 // error of squares that underflow (at most D * 2^-126 with flush-to-zero in float, D *
 // 2^-1022 in double) far below one rounding of the sum.
 template <typename a_t>
