@@ -27,6 +27,7 @@
 
 #include "../checks.h"
 #include "../step_common.h"
+#include "block_reduce.cuh"
 
 namespace imp_fast {
 namespace {
@@ -35,60 +36,6 @@ constexpr int kThreads = 256;
 // History sizes whose m x m system fits in shared memory; larger m (any m is accepted,
 // as on every backend) solve in a global-memory workspace instead.
 constexpr int64_t kSmemM = 64;
-
-template <typename T>
-__device__ T block_sum(T v, T* red) {
-  // red: kThreads/32 shared slots; fixed reduction order
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  T t = T(0);
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
-    red[0] = t;
-  }
-  __syncthreads();
-  return red[0];
-}
-
-__device__ double block_max(double v, double* red) {
-  // non-negative inputs (magnitudes); fixed order
-  for (int off = 16; off > 0; off >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, off));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t = fmax(t, red[w]);
-    red[0] = t;
-  }
-  __syncthreads();
-  return red[0];
-}
-
-// ||x|| over the block's sample, scale-safe, in double: x(j) in double; float-sourced
-// values are summed in double directly, double values are scaled by their largest
-// magnitude first (a NaN never reaches here: the fast sum was finite or +inf).
-template <bool kScale, typename Get>
-__device__ double block_safe_norm(int64_t D, Get x, double* redd) {
-  double scale = 1.0;
-  if (kScale) {
-    double mx = 0;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) mx = fmax(mx, fabs(x(j)));
-    mx = block_max(mx, redd);
-    if (mx == 0.0 || isinf(mx)) return mx;
-    scale = mx;
-  }
-  double s = 0;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    const double v = x(j) / scale;
-    s += v * v;
-  }
-  return scale * sqrt(block_sum(s, redd));
-}
 
 // Residual head of one sample (every thread of its block): fast sums in a_t; a sum
 // outside the range where that is exact to rounding (overflow, underflow, exactly

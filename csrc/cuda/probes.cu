@@ -24,47 +24,12 @@
 
 #include "../probes_checks.h"
 #include "../step_common.h"
+#include "block_reduce.cuh"
 
 namespace imp_fast {
 namespace {
 
 constexpr int kPairThreads = 256;
-
-// Block-wide sum / max of doubles in a fixed order (red: 32 shared slots); every thread
-// gets the result.
-__device__ double pair_block_sum(double v, double* red) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
-    red[0] = t;
-  }
-  __syncthreads();
-  return red[0];
-}
-
-__device__ double pair_block_max(double v, double* red) {
-  // NaN-propagating max of non-negative magnitudes
-  for (int off = 16; off > 0; off >>= 1) {
-    const double o = __shfl_down_sync(0xffffffffu, v, off);
-    v = (isnan(o) || o > v) ? o : v;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t = (isnan(red[w]) || red[w] > t) ? red[w] : t;
-    red[0] = t;
-  }
-  __syncthreads();
-  return red[0];
-}
 
 template <typename s_t, typename o_t>
 __global__ void pair_ratios_kernel(const s_t* __restrict__ y, const o_t* __restrict__ dnorm,
@@ -85,25 +50,12 @@ __global__ void pair_ratios_kernel(const s_t* __restrict__ y, const o_t* __restr
     const double d = static_cast<double>(x1[j]) - static_cast<double>(x0[j]);
     s += d * d;
   }
-  s = pair_block_sum(s, red);
+  s = block_sum(s, red);
   double n = sqrt(s);
   if (std::is_same<s_t, double>::value && !sum_in_range(s) && !isnan(s)) {  // uniform over the block
-    double mx = 0;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      const double a = fabs(static_cast<double>(x1[j]) - static_cast<double>(x0[j]));
-      mx = (isnan(a) || a > mx) ? a : mx;
-    }
-    mx = pair_block_max(mx, red);
-    if (mx == 0.0 || isinf(mx) || isnan(mx)) {
-      n = mx;
-    } else {
-      double t = 0;
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-        const double v = (static_cast<double>(x1[j]) - static_cast<double>(x0[j])) / mx;
-        t += v * v;
-      }
-      n = mx * sqrt(pair_block_sum(t, red));
-    }
+    // no NaN difference here (s would be NaN): the scale-safe norm of ops.cu
+    n = block_safe_norm<true>(
+        D, [&](int64_t j) { return static_cast<double>(x1[j]) - static_cast<double>(x0[j]); }, red);
   }
   if (threadIdx.x == 0) out[pair] = static_cast<o_t>(n / static_cast<double>(dnorm[p * B + b]));
 }
