@@ -11,6 +11,41 @@ def contractive_linear(B, D, *, rho=0.7, dtype=torch.float64, seed=0):
     return A.to(dtype), b.to(dtype)
 
 
+def op_inputs(st, stage, step):
+    """(fz, k): the f(z) of the next step of a custom-op test on the fresh LoopState st,
+    and that step's index k. f(z) = tanh(W z + x) in float64 (seed 1, ||W|| ~ 0.4),
+    cast to st's dtype. "first": st as given, k = 0. "mid": st advanced by 4 calls of
+    ``step(st, fz, k)`` (the plain-torch or reference step; abs0 set after the first, as
+    the loop does), then sample 1 frozen CONVERGED and sample 4 NONFINITE, and f(z) of
+    the running samples 2 and 3 made NaN / Inf at this step (4 is frozen: unchanged)."""
+    from imp_fast.result import Status
+
+    B, D = st.z.shape
+    gen = torch.Generator().manual_seed(1)
+    W = (torch.randn(D, D, generator=gen, dtype=torch.float64) * (0.4 / D**0.5)).to(st.z.device)
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64).to(st.z.device)
+
+    def f(z):
+        return torch.tanh(z.double() @ W.T + x).to(st.z.dtype)
+
+    k = 0
+    if stage == "mid":
+        for k in range(4):
+            step(st, f(st.z), k)
+            if k == 0:
+                st.abs0.copy_(st.abs_res)
+        k = 4
+        st.status[1] = int(Status.CONVERGED)
+        st.status[4] = int(Status.NONFINITE)
+        st.cache.clear()
+    fz = f(st.z)
+    if stage == "mid":
+        fz[2, 0] = float("nan")
+        fz[3, -1] = float("inf")
+        fz[4, 5] = float("nan")
+    return fz, k
+
+
 def linear_map(A, b):
     """f(z) = A z + b per sample; elementwise-per-sample, so batch invariant."""
     return lambda z: torch.einsum("bij,bj->bi", A, z) + b

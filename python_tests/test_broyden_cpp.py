@@ -26,7 +26,7 @@ from imp_fast.backends import cpp, get_backend  # noqa: E402
 from imp_fast.demo import make_problem  # noqa: E402
 from imp_fast.state import LoopState, StepParams  # noqa: E402
 
-from helpers import CPP_DEVICES, assert_compiled_op_writes_back, contractive_linear, linear_map  # noqa: E402
+from helpers import CPP_DEVICES, assert_compiled_op_writes_back, contractive_linear, linear_map, op_inputs  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 ZTOL = {F64: 1e-10, F32: 1e-4}
@@ -412,28 +412,8 @@ def _op_state(dtype, best, stage, device="cpu"):
     """(state, fz, k) before one Broyden step. "first": fresh state, k = 0. "mid": after
     4 plain steps (memory m = 3 full: the next step restarts it), one sample frozen
     CONVERGED, one NONFINITE, two running samples whose f(z) turns NaN / Inf now."""
-    gen = torch.Generator().manual_seed(1)
-    W = (torch.randn(OD, OD, generator=gen, dtype=F64) * (0.4 / OD**0.5)).to(device)
-    x = torch.randn(OB, OD, generator=gen, dtype=F64).to(device)
-
-    def f(z):
-        return torch.tanh(z.double() @ W.T + x).to(dtype)
-
     st = LoopState.create(torch.zeros(OB, OD, dtype=dtype, device=device), m=None, return_best=best, broyden_m=OM)
-    k = 0
-    if stage == "mid":
-        for k in range(4):
-            plain.broyden_step(st, f(st.z), PARAMS, k)
-            if k == 0:
-                st.abs0.copy_(st.abs_res)
-        k = 4
-        st.status[1] = int(Status.CONVERGED)
-        st.status[4] = int(Status.NONFINITE)
-    fz = f(st.z)
-    if stage == "mid":
-        fz[2, 0] = float("nan")
-        fz[3, -1] = float("inf")
-        fz[4, 5] = float("nan")
+    fz, k = op_inputs(st, stage, lambda s_, fz_, k_: plain.broyden_step(s_, fz_, PARAMS, k_))
     return st, fz, k
 
 

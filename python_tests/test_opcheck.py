@@ -30,9 +30,7 @@ from imp_fast.state import LoopState, StepParams
 if cpp.unavailable_reason() is not None:
     pytest.skip(cpp.unavailable_reason(), allow_module_level=True)
 
-from imp_fast import Status  # noqa: E402
-
-from helpers import CPP_DEVICES, assert_compiled_op_writes_back  # noqa: E402
+from helpers import CPP_DEVICES, assert_compiled_op_writes_back, op_inputs  # noqa: E402
 
 B, D, M = 6, 37, 3  # D: not a multiple of any vector width
 PARAMS = StepParams(tol=1e-4, beta=0.8, stop_rel=True, divergence=1e6, eps=1e-9, lam=1e-4)
@@ -51,35 +49,17 @@ def _state(op, dtype, best, stage, device="cpu"):
     frozen CONVERGED, one frozen NONFINITE, and two running samples whose f(z) turns
     NaN / Inf at this step (they become NONFINITE).
     """
-    gen = torch.Generator().manual_seed(1)
-    W = torch.randn(D, D, generator=gen, dtype=torch.float64) * (0.4 / D**0.5)
-    x = torch.randn(B, D, generator=gen, dtype=torch.float64)
-    W, x = W.to(device), x.to(device)
-
-    def f(z):
-        return torch.tanh(z.double() @ W.T + x).to(dtype)
-
     anderson = op == "anderson_step"
     st = LoopState.create(torch.zeros(B, D, dtype=dtype, device=device), m=M if anderson else None, return_best=best)
-    slot = 0
-    if stage == "mid":
-        for k in range(4):
-            if anderson:
-                reference.anderson_step(st, f(st.z), PARAMS, k % M)
-            else:
-                reference.picard_step(st, f(st.z), PARAMS)
-            if k == 0:
-                st.abs0.copy_(st.abs_res)  # as the loop does after the first step
-        slot = 4 % M
-        st.status[1] = int(Status.CONVERGED)
-        st.status[4] = int(Status.NONFINITE)
-        st.cache.clear()
-    fz = f(st.z)
-    if stage == "mid":
-        fz[2, 0] = float("nan")
-        fz[3, -1] = float("inf")
-        fz[4, 5] = float("nan")  # frozen already: must not change
-    return st, fz, slot
+
+    def step(s_, fz_, k_):
+        if anderson:
+            reference.anderson_step(s_, fz_, PARAMS, k_ % M)
+        else:
+            reference.picard_step(s_, fz_, PARAMS)
+
+    fz, k = op_inputs(st, stage, step)
+    return st, fz, k % M
 
 
 def _args(op, st, fz, slot):

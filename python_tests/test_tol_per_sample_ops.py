@@ -26,7 +26,7 @@ from imp_fast.backends import broyden as plain  # noqa: E402
 from imp_fast.backends import cpp, reference  # noqa: E402
 from imp_fast.state import LoopState, StepParams  # noqa: E402
 
-from helpers import CPP_DEVICES  # noqa: E402
+from helpers import CPP_DEVICES, op_inputs  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 OPS = ("picard_step", "anderson_step", "broyden_step")
@@ -329,35 +329,18 @@ def _opcheck_state(op, dtype, stage, device="cpu"):
     """(state, fz, k) before one step: "first" (fresh state) or "mid" (after 4 steps of
     the plain-torch step, one sample frozen CONVERGED, one NONFINITE, two running samples
     whose f(z) turns NaN / Inf now)."""
-    gen = torch.Generator().manual_seed(1)
-    W = (torch.randn(D, D, generator=gen, dtype=F64) * (0.4 / D**0.5)).to(device)
-    x = torch.randn(B, D, generator=gen, dtype=F64).to(device)
-
-    def f(z):
-        return torch.tanh(z.double() @ W.T + x).to(dtype)
-
     p = _params(stop_rel=True)
     st = _new_state(op, torch.zeros(B, D, dtype=dtype, device=device))
-    k = 0
-    if stage == "mid":
-        for k in range(4):
-            if op == "picard_step":
-                reference.picard_step(st, f(st.z), p)
-            elif op == "anderson_step":
-                reference.anderson_step(st, f(st.z), p, k % M)
-            else:
-                plain.broyden_step(st, f(st.z), p, k)
-            if k == 0:
-                st.abs0.copy_(st.abs_res)
-        k = 4
-        st.status[1] = int(Status.CONVERGED)
-        st.status[4] = int(Status.NONFINITE)
-        st.cache.clear()
-    fz = f(st.z)
-    if stage == "mid":
-        fz[2, 0] = float("nan")
-        fz[3, -1] = float("inf")
-        fz[4, 5] = float("nan")
+
+    def step(s_, fz_, k_):
+        if op == "picard_step":
+            reference.picard_step(s_, fz_, p)
+        elif op == "anderson_step":
+            reference.anderson_step(s_, fz_, p, k_ % M)
+        else:
+            plain.broyden_step(s_, fz_, p, k_)
+
+    fz, k = op_inputs(st, stage, step)
     return st, fz, k
 
 
