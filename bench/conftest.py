@@ -3,6 +3,7 @@ summaries at the end."""
 import ctypes
 import ctypes.util
 import sys
+import time
 
 import pytest
 import torch
@@ -89,8 +90,6 @@ def interleaved_round(runs, times):
     after round, so both sides see the same state of this shared machine (it drifts by
     10-20% within a minute, more than the differences measured), and the ratio is taken
     between their minima."""
-    import time
-
     for name, fn in runs.items():
         t0 = time.perf_counter()
         fn()
