@@ -142,4 +142,95 @@ struct Lanes {
   }
 };
 
+// Row groups of the multi-row loops below: up to this many rows per pass (for double
+// in the AVX2 clone: 2 registers per accumulator, 16 registers in all).
+constexpr int kRowGroup = 6;
+
+// out[k] = sum_j X[k][j] * y[j] for k < K, j < n: K rows against one vector in ONE pass,
+// so K independent accumulator chains and K row streams are in flight at once (one row
+// at a time, a dot is bound by the FMA latency of its single chain and by one stream's
+// prefetch). Each row's sum has the lane order of a single-row dot.
+template <int K, typename s_t, typename a_t>
+IMP_FAST_INLINE void dots_k(const s_t* const* X, const a_t* y, int64_t n, a_t* out) {
+  using L = Lanes<a_t>;
+  const s_t* x[K];  // in registers: stores do not make the compiler reload them
+  for (int k = 0; k < K; ++k) x[k] = X[k];
+  L acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = L::zero();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const L yv = L::load(y + j);
+    for (int k = 0; k < K; ++k) acc[k] += L::load(x[k] + j) * yv;
+  }
+  for (int k = 0; k < K; ++k) {
+    a_t s[kLanes];
+    acc[k].store(s);
+    for (int64_t jj = j, l = 0; jj < n; ++jj, ++l) s[l] += static_cast<a_t>(X[k][jj]) * y[jj];
+    out[k] = lane_sum(s);
+  }
+}
+
+// out[i] = sum_j X[i][j] * y[j] for the m rows X[0:m]: up to kRowGroup rows per pass.
+template <typename s_t, typename a_t>
+IMP_FAST_INLINE void dots_rows(const s_t* const* X, int64_t m, const a_t* y, int64_t n, a_t* out) {
+  for (int64_t i = 0; i < m; i += kRowGroup) {
+    switch (m - i < kRowGroup ? m - i : kRowGroup) {
+      case 6: dots_k<6>(X + i, y, n, out + i); break;
+      case 5: dots_k<5>(X + i, y, n, out + i); break;
+      case 4: dots_k<4>(X + i, y, n, out + i); break;
+      case 3: dots_k<3>(X + i, y, n, out + i); break;
+      case 2: dots_k<2>(X + i, y, n, out + i); break;
+      default: dots_k<1>(X + i, y, n, out + i); break;
+    }
+  }
+}
+
+// out[j] (+)= sum_{k < K} al[k] X[k][j] for j < n, the terms added in k order after out's
+// (kAcc): per element the order of adding row after row, in one pass over out.
+template <int K, bool kAcc, typename s_t, typename a_t>
+IMP_FAST_INLINE void axpy_k(const s_t* const* X, const a_t* al, int64_t n, a_t* out) {
+  using L = Lanes<a_t>;
+  const s_t* x[K];  // in registers: the stores to out do not make the compiler reload them
+  for (int k = 0; k < K; ++k) x[k] = X[k];
+  L a[K];
+  for (int k = 0; k < K; ++k) a[k] = L::broadcast(al[k]);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    L o = kAcc ? L::load(out + j) + a[0] * L::load(x[0] + j) : a[0] * L::load(x[0] + j);
+    for (int k = 1; k < K; ++k) o += a[k] * L::load(x[k] + j);
+    o.store(out + j);
+  }
+  for (; j < n; ++j) {
+    a_t o = kAcc ? out[j] + al[0] * static_cast<a_t>(X[0][j]) : al[0] * static_cast<a_t>(X[0][j]);
+    for (int k = 1; k < K; ++k) o += al[k] * static_cast<a_t>(X[k][j]);
+    out[j] = o;
+  }
+}
+
+template <bool kAcc, typename s_t, typename a_t>
+IMP_FAST_INLINE void axpy_group(const s_t* const* X, int64_t k, const a_t* al, int64_t n, a_t* out) {
+  switch (k) {
+    case 6: axpy_k<6, kAcc>(X, al, n, out); break;
+    case 5: axpy_k<5, kAcc>(X, al, n, out); break;
+    case 4: axpy_k<4, kAcc>(X, al, n, out); break;
+    case 3: axpy_k<3, kAcc>(X, al, n, out); break;
+    case 2: axpy_k<2, kAcc>(X, al, n, out); break;
+    default: axpy_k<1, kAcc>(X, al, n, out); break;
+  }
+}
+
+// out[j] = sum_{i < m} al[i] X[i][j] (terms in i order), up to kRowGroup rows per pass
+// over out.
+template <typename s_t, typename a_t>
+IMP_FAST_INLINE void combine_rows(const s_t* const* X, int64_t m, const a_t* al, int64_t n, a_t* out) {
+  for (int64_t i = 0; i < m; i += kRowGroup) {
+    const int64_t k = m - i < kRowGroup ? m - i : kRowGroup;
+    if (i == 0) {
+      axpy_group<false>(X, k, al, n, out);
+    } else {
+      axpy_group<true>(X + i, k, al + i, n, out);
+    }
+  }
+}
+
 }  // namespace imp_fast

@@ -71,26 +71,17 @@ IMP_FAST_HOT void residual_sums(const s_t* z, const s_t* fz, int64_t n, a_t& sg,
   sf = lane_sum(f);
 }
 
-template <typename s_t, typename a_t>
-IMP_FAST_INLINE a_t dot_lanes(const s_t* x, const a_t* y, int64_t n) {
-  using L = Lanes<a_t>;
-  L sl = L::zero();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) sl += L::load(x + j) * L::load(y + j);
-  a_t s[kLanes];
-  sl.store(s);
-  for (int k = 0; j < n; ++j, ++k) s[k] += static_cast<a_t>(x[j]) * y[j];
-  return lane_sum(s);
-}
-
 // One pass over a chunk of a sample running at entry: residual sums sg = sum (fz - z)^2
 // and sf = sum fz^2 (the step's head), F_slot = fz and G_slot = fz - z (Fb/Gb: the
 // sample's (m, D) buffers at the chunk offset), then the chunk's partial Gram row
-// G_i . g into row[0:m]. Fusing the head into this pass reads z and fz once per step.
+// G_i . g into row[0:m] (rows: scratch for m row pointers). Fusing the head into this
+// pass reads z and fz once per step. When the storage type is the accumulation type,
+// G_slot . g is sg itself (the same products in the same lane order), so the slot's
+// row is not read back.
 template <typename s_t, typename a_t>
 IMP_FAST_HOT void head_history_gram(const s_t* zb, const s_t* fb, s_t* Fb, s_t* Gb, int64_t slot,
                                     int64_t m, int64_t D, int64_t n, a_t* gbuf, a_t* row, a_t& sg,
-                                    a_t& sf) {
+                                    a_t& sf, const s_t** rows) {
   s_t* Fs = Fb + slot * D;
   s_t* Gs = Gb + slot * D;
   using L = Lanes<a_t>;
@@ -120,21 +111,16 @@ IMP_FAST_HOT void head_history_gram(const s_t* zb, const s_t* fb, s_t* Fb, s_t* 
   }
   sg = lane_sum(g2);
   sf = lane_sum(f2);
-  for (int64_t i = 0; i < m; ++i) row[i] = dot_lanes(Gb + i * D, gbuf, n);
-}
-
-// out[0:n] = sum_i al[i] X_i over one chunk (Xb: the sample's (m, D) buffer at the
-// chunk offset).
-template <typename s_t, typename a_t>
-IMP_FAST_INLINE void combine(const s_t* Xb, const a_t* al, int64_t m, int64_t D, int64_t n, a_t* out) {
-  for (int64_t i = 0; i < m; ++i) {
-    const s_t* Xi = Xb + i * D;
-    const a_t ai = al[i];
-    if (i == 0) {
-      for (int64_t j = 0; j < n; ++j) out[j] = ai * static_cast<a_t>(Xi[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) out[j] += ai * static_cast<a_t>(Xi[j]);
-    }
+  if constexpr (std::is_same<s_t, a_t>::value) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < m; ++i)
+      if (i != slot) rows[k++] = Gb + i * D;
+    dots_rows(static_cast<const s_t* const*>(rows), k, static_cast<const a_t*>(gbuf), n, row);
+    for (int64_t i = m - 1; i > slot; --i) row[i] = row[i - 1];  // rows after the slot move up one
+    row[slot] = sg;
+  } else {
+    for (int64_t i = 0; i < m; ++i) rows[i] = Gb + i * D;
+    dots_rows(static_cast<const s_t* const*>(rows), m, static_cast<const a_t*>(gbuf), n, row);
   }
 }
 
@@ -147,14 +133,19 @@ IMP_FAST_HOT bool storable(const a_t* x, int64_t n) {
   return bad == 0;
 }
 
-// out[0:n] = sum_i al[i] (F_i - (1 - beta) G_i) over one chunk (gacc is scratch);
-// returns whether all of out is storable (finite once rounded to s_t).
+// out[0:n] = sum_i al[i] (F_i - (1 - beta) G_i) over one chunk (gacc is scratch, rows
+// scratch for m row pointers); returns whether all of out is storable (finite once
+// rounded to s_t). F_slot is read from fb (the same values: F_slot is a copy of f(z),
+// still in cache).
 template <typename s_t, typename a_t>
-IMP_FAST_HOT bool mix_into(const s_t* Fb, const s_t* Gb, const a_t* al, a_t one_m_beta, int64_t m,
-                           int64_t D, int64_t n, a_t* out, a_t* gacc) {
-  combine(Fb, al, m, D, n, out);
+IMP_FAST_HOT bool mix_into(const s_t* Fb, const s_t* Gb, const s_t* fb, int64_t slot, const a_t* al,
+                           a_t one_m_beta, int64_t m, int64_t D, int64_t n, a_t* out, a_t* gacc,
+                           const s_t** rows) {
+  for (int64_t i = 0; i < m; ++i) rows[i] = i == slot ? fb : Fb + i * D;
+  combine_rows(static_cast<const s_t* const*>(rows), m, al, n, out);
   if (one_m_beta != a_t(0)) {
-    combine(Gb, al, m, D, n, gacc);
+    for (int64_t i = 0; i < m; ++i) rows[i] = Gb + i * D;
+    combine_rows(static_cast<const s_t* const*>(rows), m, al, n, gacc);
     for (int64_t j = 0; j < n; ++j) out[j] -= one_m_beta * gacc[j];
   }
   return storable<s_t>(out, n);
@@ -450,9 +441,9 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       }
       solved[b] = ok ? 1 : 0;
     };
-    auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc) -> bool {
-      return mix_into(Fp + b * m * D + off, Gp + b * m * D + off, alpha.data() + b * m, one_m_beta, m, D,
-                      n, out, gacc);
+    auto mix_chunk = [&](int64_t b, int64_t off, int64_t n, a_t* out, a_t* gacc, const s_t** rows) -> bool {
+      return mix_into(Fp + b * m * D + off, Gp + b * m * D + off, fp + b * D + off, slot, alpha.data() + b * m,
+                      one_m_beta, m, D, n, out, gacc, rows);
     };
     auto picard_chunk = [&](int64_t b, int64_t off, int64_t n) {
       damped_update(zp + b * D + off, fp + b * D + off, c.beta, n);
@@ -465,6 +456,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       // path below: the same results.
       at::parallel_for(0, B, s.grain, [&](int64_t b0, int64_t b1) {
         std::vector<a_t> gbuf(D), out(D), gacc(D), row(m);
+        std::vector<const s_t*> rows(m);
         std::vector<double> A(m * m), x(m);
         for (int64_t b = b0; b < b1; ++b) {
           if (st_p[b] != 0) continue;
@@ -472,7 +464,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
           const s_t* fb = fp + b * D;
           a_t sg, sf;
           head_history_gram(static_cast<const s_t*>(zb), fb, Fp + b * m * D, Gp + b * m * D, slot, m, D, D,
-                            gbuf.data(), row.data(), sg, sf);
+                            gbuf.data(), row.data(), sg, sf, rows.data());
           a_t abs_r, nf;
           norms_from_sums(sg, sf, static_cast<const s_t*>(zb), fb, D, abs_r, nf);
           uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c, tol_p);
@@ -481,7 +473,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
           if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
           if (!(fl & kStill)) continue;
           bool ok = solved[b] != 0;
-          if (ok) ok = mix_chunk(b, 0, D, out.data(), gacc.data());
+          if (ok) ok = mix_chunk(b, 0, D, out.data(), gacc.data(), rows.data());
           if (ok) {
             store(zb, out.data(), D);
           } else if ((fl & kCheck) && !damped_finite(zb, fb, c.beta, D)) {
@@ -499,12 +491,13 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
     std::vector<a_t> pg(B * nc), pf(B * nc), prow(B * nc * m);
     at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
       std::vector<a_t> gbuf(std::min(kChunk, D));
+      std::vector<const s_t*> rows(m);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / nc, ch = t % nc;
         if (st_p[b] != 0) continue;
         const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
         head_history_gram(zp + b * D + off, fp + b * D + off, Fp + b * m * D + off, Gp + b * m * D + off,
-                          slot, m, D, n, gbuf.data(), prow.data() + t * m, pg[t], pf[t]);
+                          slot, m, D, n, gbuf.data(), prow.data() + t * m, pg[t], pf[t], rows.data());
       }
     });
     std::vector<uint8_t> flags;
@@ -526,11 +519,12 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       std::vector<uint8_t> pok(B * nc, 0);
       at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
         std::vector<a_t> gacc(kChunk);
+        std::vector<const s_t*> rows(m);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = t / nc, ch = t % nc;
           if (!(flags[b] & kStill) || !solved[b]) continue;
           const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
-          pok[t] = mix_chunk(b, off, n, wp + b * D + off, gacc.data()) ? 1 : 0;
+          pok[t] = mix_chunk(b, off, n, wp + b * D + off, gacc.data(), rows.data()) ? 1 : 0;
         }
       });
       std::vector<uint8_t> ok(B, 0);

@@ -108,7 +108,20 @@ def _assert_states_close(a, b, dtype, m, entry_running):
 def test_anderson_step_matches_reference(dtype, D, m, best, pattern, lam):
     # Every backend solves the small system in float64 (reference module docstring), so
     # the default lam (1e-4) is compared too, in every dtype.
-    warm = {1: 1, 2: 3, 5: 3, 8: 9}[m]  # partly and fully written ring buffers
+    _check_anderson_step_vs_reference(dtype, D, m, best, pattern, lam)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", ["running", "mixed"])
+def test_anderson_step_matches_reference_when_a_sample_spans_tasks(dtype, pattern):
+    # D > 4096: a sample's chunks are separate tasks (the phased path: partial Gram rows
+    # summed in chunk order, mix in a workspace); m = 13: the history rows are read in
+    # groups of 6, 6 and 1 (lanes.h: dots_rows, combine_rows), the slot in the middle.
+    _check_anderson_step_vs_reference(dtype, 4099, 13, True, pattern, 1e-4)
+
+
+def _check_anderson_step_vs_reference(dtype, D, m, best, pattern, lam):
+    warm = {1: 1, 2: 3, 5: 3, 8: 9}.get(m, m + 4)  # partly and fully written ring buffers
     st, f, gen = _make_state(D, dtype, m, best, filled=warm, seed=D + m)
     fz = _statuses_and_fz(st, f, gen, pattern)
     entry_running = st.status == 0
