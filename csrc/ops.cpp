@@ -39,6 +39,7 @@
 #include "checks.h"
 #include "cpu_norms.h"
 #include "lanes.h"
+#include "rows.h"
 #include "step_common.h"
 
 namespace imp_fast {
@@ -692,6 +693,12 @@ PyObject* step_fast(PyObject* /*self*/, PyObject* args) {
 PyMethodDef methods[] = {
     {"_step_cpu", step_fast, METH_VARARGS,
      "_step_cpu(state, fz[, slot]): one Picard step (no slot) or Anderson step, CPU, eager."},
+    {"_running_rows", imp_fast::running_rows_py, METH_O,
+     "_running_rows(status): int64 indices of the rows whose int8 status is 0 (CPU)."},
+    {"_gather_rows", imp_fast::gather_rows_py, METH_VARARGS,
+     "_gather_rows(groups, idx): rows idx of each group of tensors, one new buffer per group (CPU)."},
+    {"_scatter_rows", imp_fast::scatter_rows_py, METH_VARARGS,
+     "_scatter_rows(pairs, idx): dst[idx[i]] = src[i] for each (dst, src) pair (CPU)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

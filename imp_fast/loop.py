@@ -15,7 +15,7 @@ import torch
 from .backends import broyden as _broyden
 from .backends import get_backend
 from .result import SolveResult, Status
-from .state import LoopState, StepParams, compute_dtype
+from .state import LoopState, StepParams, compute_dtype, gather_rows, running_rows
 from .validation import (
     check_choice,
     check_f_output,
@@ -307,7 +307,7 @@ def run_loop(
                     if int(work.status.min()) != _RUNNING:
                         break
                     continue
-                keep = (work.status == _RUNNING).nonzero().squeeze(1)  # the check's one sync
+                keep = running_rows(work.status)  # the check's one sync
                 if keep.numel() == 0:
                     break
                 # Gathering costs a pass over the working state: worth it once a few
@@ -317,8 +317,11 @@ def run_loop(
                         work.scatter_into(st, rows)
                     rows = keep if rows is None else rows[keep]
                     work = work.gather(keep)
-                    w_args = tuple(a[keep] if isinstance(a, torch.Tensor) else a for a in w_args)
-                    w_budget = None if w_budget is None else w_budget[keep]
+                    if w_budget is None:
+                        w_args = gather_rows(w_args, keep)
+                    else:
+                        *w_args, w_budget = gather_rows(w_args + (w_budget,), keep)
+                        w_args = tuple(w_args)
                     w_shape = (keep.numel(),) + tuple(shape[1:])
                     z_in = work.z if work.z.shape == w_shape else work.z.view(w_shape)
         iterations = k + 1

@@ -12,11 +12,52 @@ of the samples still running, and move only those samples' ``z`` forward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["StepParams", "LoopState", "compute_dtype"]
+__all__ = ["StepParams", "LoopState", "compute_dtype", "running_rows", "gather_rows"]
+
+# Active sets' row moves in one call each (csrc/rows.cpp) for CPU tensors, eager; the torch
+# ops below are the fallback (CUDA, torch.compile, tensor subclasses, no extension).
+try:
+    from . import _C as _ext
+except ImportError:  # not built (the cpp backend reports why)
+    _ext = None
+_running_rows_cpu = getattr(_ext, "_running_rows", None)
+_gather_rows_cpu = getattr(_ext, "_gather_rows", None)
+_scatter_rows_cpu = getattr(_ext, "_scatter_rows", None)
+
+
+def _fast_rows(tensors: Sequence[Optional[torch.Tensor]], idx: torch.Tensor) -> bool:
+    """Whether the one-call CPU row moves apply: the extension is there, not tracing, and
+    idx and every tensor are plain contiguous CPU tensors (idx int64)."""
+    if _gather_rows_cpu is None or type(idx) is not torch.Tensor or not idx.is_cpu or idx.dtype != torch.int64:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or (type(t) is torch.Tensor and t.is_cpu and t.dim() > 0 and t.is_contiguous())
+               for t in tensors)
+
+
+def running_rows(status: torch.Tensor) -> torch.Tensor:
+    """int64 indices of the rows still running (status 0): what a check keeps."""
+    if (_running_rows_cpu is not None and type(status) is torch.Tensor and status.is_cpu
+            and status.dtype == torch.int8 and status.dim() == 1 and status.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        return _running_rows_cpu(status)
+    return (status == 0).nonzero().squeeze(1)
+
+
+def gather_rows(tensors: Sequence[Any], idx: torch.Tensor) -> Tuple[Any, ...]:
+    """``a[idx]`` for every tensor in ``tensors`` (other values are returned as they are):
+    the batched arguments of an active-set solve, gathered at a check."""
+    tensors = tuple(tensors)
+    ts = [a for a in tensors if isinstance(a, torch.Tensor)]
+    if ts and _fast_rows(ts, idx):
+        out = iter(_gather_rows_cpu([(a,) for a in ts], idx))
+        return tuple(next(out)[0] if isinstance(a, torch.Tensor) else a for a in tensors)
+    return tuple(a[idx] if isinstance(a, torch.Tensor) else a for a in tensors)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -154,6 +195,20 @@ class LoopState:
         # first: at a check of an Anderson solve that halved the gather's cost), keeping
         # create()'s layouts: abs/rel and best_abs/best_rel as rows of one (2, k) tensor,
         # G and F as the halves of one (2, k, m, D) buffer.
+        pairs = ((self.abs_res, self.rel_res), (self.best_abs, self.best_rel), (self.G, self.F))
+        singles = (self.z, self.status, self.n_iter, self.abs0, self.best_z, self.H, self.U, self.V, self.z_prev,
+                   self.g_prev, self.tol)
+        if _fast_rows(singles + tuple(t for p in pairs for t in p), idx):
+            # one call: each pair into one (2, k, ...) buffer, each single into its own
+            got = _gather_rows_cpu([None if a is None else (a, b) for a, b in pairs]
+                                   + [None if t is None else (t,) for t in singles], idx)
+            (ar, rr), (ba, br), (G, F) = ((None, None) if g is None else g for g in got[:3])
+            z, status, n_iter, abs0, best_z, H, U, V, z_prev, g_prev, tol = (
+                None if g is None else g[0] for g in got[3:])
+            return LoopState(z=z, status=status, n_iter=n_iter, abs_res=ar, rel_res=rr, abs0=abs0, best_z=best_z,
+                             best_abs=ba, best_rel=br, F=F, G=G, H=H, U=U, V=V, z_prev=z_prev, g_prev=g_prev,
+                             tol=tol)
+
         def sel(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.index_select(0, idx)
 
@@ -177,7 +232,9 @@ class LoopState:
 
     def scatter_into(self, full: "LoopState", rows: torch.Tensor) -> None:
         """Write this (gathered) state's reported fields back into ``full`` at ``rows``."""
-        for name in self.RESULT_FIELDS:
-            t = getattr(self, name)
-            if t is not None:
-                getattr(full, name).index_copy_(0, rows, t)
+        moves = [(getattr(full, name), t) for name in self.RESULT_FIELDS if (t := getattr(self, name)) is not None]
+        if _scatter_rows_cpu is not None and _fast_rows([t for m in moves for t in m], rows):
+            _scatter_rows_cpu(moves, rows)  # one call
+            return
+        for dst, t in moves:
+            dst.index_copy_(0, rows, t)
