@@ -258,6 +258,7 @@ def run_loop(
         # Hoisted out of the loop: at small sizes Python work per iteration shows up.
         w_shape = shape
         z_in = st.z if st.z.shape == shape else st.z.view(shape)
+        z_lo, z_hi = (0, 0) if compiling else _storage_span(st.z)
         flat = z0.dim() == 2 and batched
         for k in range(max_iter):
             if watch:
@@ -276,7 +277,7 @@ def run_loop(
             check_f_output(fz, z_in, w_shape)
             if not flat:
                 fz = fz.reshape(work.z.shape)
-            if not compiling and _shares_storage(fz, work.z):
+            if not compiling and z_lo <= fz.data_ptr() < z_hi:
                 fz = fz.clone()  # f returned (a view of) its input: we update z in place
             if is_anderson:
                 anderson_step(work, fz, params, k % m)
@@ -315,15 +316,15 @@ def run_loop(
                 if keep.numel() <= work.z.shape[0] - max(1, work.z.shape[0] // 8) and done < max_iter:
                     if rows is not None:
                         work.scatter_into(st, rows)
-                    rows = keep if rows is None else rows[keep]
                     work = work.gather(keep)
-                    if w_budget is None:
-                        w_args = gather_rows(w_args, keep)
-                    else:
-                        *w_args, w_budget = gather_rows(w_args + (w_budget,), keep)
-                        w_args = tuple(w_args)
+                    # the batched arguments, the budgets and the global row indices: one gather
+                    n_args = len(w_args)
+                    moved = gather_rows(w_args + (w_budget, rows), keep)
+                    w_args, w_budget = moved[:n_args], moved[n_args]
+                    rows = keep if rows is None else moved[n_args + 1]
                     w_shape = (keep.numel(),) + tuple(shape[1:])
                     z_in = work.z if work.z.shape == w_shape else work.z.view(w_shape)
+                    z_lo, z_hi = (0, 0) if compiling else _storage_span(work.z)
         iterations = k + 1
         if rows is not None:
             work.scatter_into(st, rows)
@@ -416,8 +417,12 @@ def _autocast_enabled(device_type: str) -> bool:
         return device_type == "cpu" and torch.is_autocast_cpu_enabled()
 
 
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _storage_span(t: torch.Tensor) -> Tuple[int, int]:
+    """The address range of t's storage: a tensor shares t's storage exactly when its data
+    pointer lies in it (distinct live storages do not overlap; a non-empty view's data
+    pointer lies inside its storage)."""
+    s = t.untyped_storage()
+    return s.data_ptr(), s.data_ptr() + s.nbytes()
 
 
 def picard(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, **options) -> SolveResult:
