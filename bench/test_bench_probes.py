@@ -38,9 +38,14 @@ def _problem():
     return G, x, d
 
 
+def _stacked_inputs(x, d):
+    """x and its P perturbations x + 0.05 d_p stacked as the probe stacks them: (B (1 + P), D)."""
+    return torch.cat([x, (x.unsqueeze(0) + 0.05 * d.unsqueeze(1)).reshape(P * B, D)])
+
+
 def _bare_loop(G, x, d):
     """``for t in range(T): y = G(y, xs)`` on the probe's stacked batch, as a callable."""
-    xs = torch.cat([x, (x.unsqueeze(0) + 0.05 * d.unsqueeze(1)).reshape(P * B, D)])
+    xs = _stacked_inputs(x, d)
 
     def run():
         with torch.no_grad():
@@ -59,7 +64,7 @@ def _floor_loop(G, x, d, m=None):
     pass), and with ``m`` also reads the (B, m, D) f-value and residual histories once
     per iteration (Anderson's Gram row and mix need every history row; here only read,
     never written). No solver arithmetic: a floor, not a probe."""
-    xs = torch.cat([x, (x.unsqueeze(0) + 0.05 * d.unsqueeze(1)).reshape(P * B, D)])
+    xs = _stacked_inputs(x, d)
     # read as one dot of the two halves: torch.dot streams at memory bandwidth (BLAS),
     # torch.sum does not (here 2x slower than the read itself)
     hist = None if m is None else torch.randn(2, xs.shape[0] * m * D)

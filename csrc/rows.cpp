@@ -43,15 +43,26 @@ void check_row_tensor(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), what, ": contiguous tensors only");
 }
 
-// idx: 1-d int64 CPU contiguous, every entry in [0, rows)
-const int64_t* check_idx(const at::Tensor& idx, int64_t rows, const char* what) {
-  TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.is_contiguous(),
-              what, ": idx must be a contiguous 1-d int64 CPU tensor");
-  const int64_t* p = idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < idx.numel(); ++i)
-    TORCH_CHECK(p[i] >= 0 && p[i] < rows, what, ": index ", p[i], " out of range for ", rows, " rows");
-  return p;
-}
+// idx: 1-d int64 CPU contiguous, every entry >= 0; checked once per call. fits(rows):
+// every entry is below rows (per tensor, from the largest entry).
+struct RowIndex {
+  const int64_t* p;
+  int64_t k, max;
+  RowIndex(const at::Tensor& idx, const char* what) {
+    TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.is_contiguous(),
+                what, ": idx must be a contiguous 1-d int64 CPU tensor");
+    p = idx.data_ptr<int64_t>();
+    k = idx.numel();
+    max = -1;
+    for (int64_t i = 0; i < k; ++i) {
+      TORCH_CHECK(p[i] >= 0, what, ": index ", p[i], " out of range");
+      max = std::max(max, p[i]);
+    }
+  }
+  void fits(int64_t rows, const char* what) const {
+    TORCH_CHECK(max < rows, what, ": index ", max, " out of range for ", rows, " rows");
+  }
+};
 
 // dst row i <- src row ix[i] (gather) or dst row ix[i] <- src row i (scatter), rb bytes a row
 void move_rows(char* dst, const char* src, const int64_t* ix, int64_t k, int64_t rb, bool scatter) {
@@ -81,7 +92,7 @@ bool parse_list_idx(PyObject* args, const char* sig, PyObject** list, PyObject**
 }
 
 template <typename Fn>
-PyObject* guarded(const char* name, Fn&& fn) {
+PyObject* guarded(Fn&& fn) {
   try {
     return fn();
   } catch (const c10::Error& e) {
@@ -89,7 +100,6 @@ PyObject* guarded(const char* name, Fn&& fn) {
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
   }
-  (void)name;
   return nullptr;
 }
 
@@ -100,7 +110,7 @@ PyObject* running_rows_py(PyObject* /*self*/, PyObject* arg) {
     PyErr_SetString(PyExc_TypeError, "imp_fast._C._running_rows(status): status must be a tensor");
     return nullptr;
   }
-  return guarded("_running_rows", [&]() -> PyObject* {
+  return guarded([&]() -> PyObject* {
     const at::Tensor& st = THPVariable_Unpack(arg);
     TORCH_CHECK(st.device().is_cpu() && st.scalar_type() == at::kChar && st.dim() == 1 && st.is_contiguous(),
                 "imp_fast._C._running_rows: status must be a contiguous 1-d int8 CPU tensor");
@@ -135,9 +145,9 @@ PyObject* gather_rows_py(PyObject* /*self*/, PyObject* args) {
       }
     }
   }
-  return guarded("_gather_rows", [&]() -> PyObject* {
-    const at::Tensor& idx = THPVariable_Unpack(idx_obj);
-    const int64_t k = idx.numel();
+  return guarded([&]() -> PyObject* {
+    const RowIndex ix(THPVariable_Unpack(idx_obj), "imp_fast._C._gather_rows");
+    const int64_t k = ix.k;
     std::vector<std::vector<at::Tensor>> outs(ng);
     for (Py_ssize_t g = 0; g < ng; ++g) {
       PyObject* grp = PyList_GET_ITEM(groups, g);
@@ -151,7 +161,7 @@ PyObject* gather_rows_py(PyObject* /*self*/, PyObject* args) {
         TORCH_CHECK(t.sizes() == first.sizes() && t.scalar_type() == first.scalar_type(),
                     "imp_fast._C._gather_rows: the tensors of a group must share shape and dtype");
       }
-      const int64_t* ix = check_idx(idx, first.size(0), "imp_fast._C._gather_rows");
+      ix.fits(first.size(0), "imp_fast._C._gather_rows");
       std::vector<int64_t> shape = {static_cast<int64_t>(n), k};
       for (int64_t d = 1; d < first.dim(); ++d) shape.push_back(first.size(d));
       at::Tensor buf = at::empty(shape, first.options());
@@ -160,7 +170,7 @@ PyObject* gather_rows_py(PyObject* /*self*/, PyObject* args) {
         const at::Tensor& t = THPVariable_Unpack(PyTuple_GET_ITEM(grp, j));
         at::Tensor dst = buf.select(0, j);
         if (k > 0 && rb > 0)
-          move_rows(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(t.data_ptr()), ix, k, rb, false);
+          move_rows(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(t.data_ptr()), ix.p, k, rb, false);
         outs[g].push_back(dst);
       }
     }
@@ -197,11 +207,10 @@ PyObject* scatter_rows_py(PyObject* /*self*/, PyObject* args) {
       return nullptr;
     }
   }
-  return guarded("_scatter_rows", [&]() -> PyObject* {
-    const at::Tensor& idx = THPVariable_Unpack(idx_obj);
-    const int64_t k = idx.numel();
+  return guarded([&]() -> PyObject* {
+    const RowIndex ix(THPVariable_Unpack(idx_obj), "imp_fast._C._scatter_rows");
+    const int64_t k = ix.k;
     // Check every pair before the first write: a bad pair leaves every dst unchanged.
-    std::vector<const int64_t*> ixs(np);
     for (Py_ssize_t p = 0; p < np; ++p) {
       PyObject* pr = PyList_GET_ITEM(pairs, p);
       const at::Tensor& dst = THPVariable_Unpack(PyTuple_GET_ITEM(pr, 0));
@@ -213,7 +222,7 @@ PyObject* scatter_rows_py(PyObject* /*self*/, PyObject* args) {
                   "imp_fast._C._scatter_rows: src must have idx.numel() rows of dst's row shape and dtype");
       TORCH_CHECK(!dst.is_same(src) && dst.storage().data() != src.storage().data(),
                   "imp_fast._C._scatter_rows: dst and src must not share memory");
-      ixs[p] = check_idx(idx, dst.size(0), "imp_fast._C._scatter_rows");
+      ix.fits(dst.size(0), "imp_fast._C._scatter_rows");
     }
     for (Py_ssize_t p = 0; p < np; ++p) {
       PyObject* pr = PyList_GET_ITEM(pairs, p);
@@ -221,7 +230,7 @@ PyObject* scatter_rows_py(PyObject* /*self*/, PyObject* args) {
       const at::Tensor& src = THPVariable_Unpack(PyTuple_GET_ITEM(pr, 1));
       const int64_t rb = row_bytes(src);
       if (k > 0 && rb > 0)
-        move_rows(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(src.data_ptr()), ixs[p], k, rb, true);
+        move_rows(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(src.data_ptr()), ix.p, k, rb, true);
       dst.unsafeGetTensorImpl()->bump_version();  // written in place, as index_copy_ would count it
     }
     Py_RETURN_NONE;

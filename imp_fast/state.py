@@ -49,15 +49,30 @@ def running_rows(status: torch.Tensor) -> torch.Tensor:
     return (status == 0).nonzero().squeeze(1)
 
 
+def _gather_groups(groups: Sequence[Optional[Tuple[torch.Tensor, ...]]], idx: torch.Tensor) -> list:
+    """Rows ``idx`` of every group (a tuple of tensors of one shape and dtype, or None):
+    each group into one new ``(n, k, ...)`` buffer, returned as its n slices (the layout
+    LoopState.create gives its pairs). One call on CPU, index_selects elsewhere."""
+    if _fast_rows([t for g in groups if g is not None for t in g], idx):
+        return _gather_rows_cpu(list(groups), idx)
+    out = []
+    for g in groups:
+        if g is None:
+            out.append(None)
+            continue
+        buf = g[0].new_empty((len(g), idx.numel()) + tuple(g[0].shape[1:]))
+        for i, t in enumerate(g):
+            torch.index_select(t, 0, idx, out=buf[i])
+        out.append(tuple(buf.unbind(0)))
+    return out
+
+
 def gather_rows(tensors: Sequence[Any], idx: torch.Tensor) -> Tuple[Any, ...]:
     """``a[idx]`` for every tensor in ``tensors`` (other values are returned as they are):
     the batched arguments of an active-set solve, gathered at a check."""
     tensors = tuple(tensors)
-    ts = [a for a in tensors if isinstance(a, torch.Tensor)]
-    if ts and _fast_rows(ts, idx):
-        out = iter(_gather_rows_cpu([(a,) for a in ts], idx))
-        return tuple(next(out)[0] if isinstance(a, torch.Tensor) else a for a in tensors)
-    return tuple(a[idx] if isinstance(a, torch.Tensor) else a for a in tensors)
+    groups = [(a,) if isinstance(a, torch.Tensor) else None for a in tensors]
+    return tuple(a if g is None else g[0] for a, g in zip(tensors, _gather_groups(groups, idx)))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -191,44 +206,19 @@ class LoopState:
         Active sets (``solve(..., compact=True)``): the running samples are gathered at
         a check, and the loop then steps only them.
         """
-        # Built from index_selects straight into fresh tensors (no zero-filled state made
-        # first: at a check of an Anderson solve that halved the gather's cost), keeping
-        # create()'s layouts: abs/rel and best_abs/best_rel as rows of one (2, k) tensor,
-        # G and F as the halves of one (2, k, m, D) buffer.
+        # Built straight into fresh tensors (no zero-filled state made first: at a check of
+        # an Anderson solve that halved the gather's cost), keeping create()'s layouts:
+        # abs/rel and best_abs/best_rel as rows of one (2, k) tensor, G and F as the halves
+        # of one (2, k, m, D) buffer.
         pairs = ((self.abs_res, self.rel_res), (self.best_abs, self.best_rel), (self.G, self.F))
         singles = (self.z, self.status, self.n_iter, self.abs0, self.best_z, self.H, self.U, self.V, self.z_prev,
                    self.g_prev, self.tol)
-        if _fast_rows(singles + tuple(t for p in pairs for t in p), idx):
-            # one call: each pair into one (2, k, ...) buffer, each single into its own
-            got = _gather_rows_cpu([None if a is None else (a, b) for a, b in pairs]
-                                   + [None if t is None else (t,) for t in singles], idx)
-            (ar, rr), (ba, br), (G, F) = ((None, None) if g is None else g for g in got[:3])
-            z, status, n_iter, abs0, best_z, H, U, V, z_prev, g_prev, tol = (
-                None if g is None else g[0] for g in got[3:])
-            return LoopState(z=z, status=status, n_iter=n_iter, abs_res=ar, rel_res=rr, abs0=abs0, best_z=best_z,
-                             best_abs=ba, best_rel=br, F=F, G=G, H=H, U=U, V=V, z_prev=z_prev, g_prev=g_prev,
-                             tol=tol)
-
-        def sel(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.index_select(0, idx)
-
-        def pair(a: Optional[torch.Tensor], b: Optional[torch.Tensor]):
-            if a is None:
-                return None, None
-            both = a.new_empty((2, idx.numel()) + tuple(a.shape[1:]))
-            torch.index_select(a, 0, idx, out=both[0])
-            torch.index_select(b, 0, idx, out=both[1])
-            return both[0], both[1]
-
-        abs_res, rel_res = pair(self.abs_res, self.rel_res)
-        best_abs, best_rel = pair(self.best_abs, self.best_rel)
-        G, F = pair(self.G, self.F)
-        return LoopState(
-            z=sel(self.z), status=sel(self.status), n_iter=sel(self.n_iter), abs_res=abs_res, rel_res=rel_res,
-            abs0=sel(self.abs0), best_z=sel(self.best_z), best_abs=best_abs, best_rel=best_rel, F=F, G=G,
-            H=sel(self.H), U=sel(self.U), V=sel(self.V), z_prev=sel(self.z_prev), g_prev=sel(self.g_prev),
-            tol=sel(self.tol),
-        )
+        got = _gather_groups([None if a is None else (a, b) for a, b in pairs]
+                             + [None if t is None else (t,) for t in singles], idx)
+        (ar, rr), (ba, br), (G, F) = ((None, None) if g is None else g for g in got[:3])
+        z, status, n_iter, abs0, best_z, H, U, V, z_prev, g_prev, tol = (None if g is None else g[0] for g in got[3:])
+        return LoopState(z=z, status=status, n_iter=n_iter, abs_res=ar, rel_res=rr, abs0=abs0, best_z=best_z,
+                         best_abs=ba, best_rel=br, F=F, G=G, H=H, U=U, V=V, z_prev=z_prev, g_prev=g_prev, tol=tol)
 
     def scatter_into(self, full: "LoopState", rows: torch.Tensor) -> None:
         """Write this (gathered) state's reported fields back into ``full`` at ``rows``."""
