@@ -89,21 +89,33 @@ def test_active_sets_interleaved(benchmark, record_interleaved, method):
     same batch alternate round after round (see conftest.interleaved_round). A third run,
     "f alone", evaluates f on exactly the working-set sizes the compacted solve used, with
     no solver: the least a compacted solve can cost (its ratio to the whole-batch solve is
-    the floor of the target's ratio with this f)."""
+    the floor of the target's ratio with this f). A fourth, "f alone on the ideal working
+    sets", evaluates each sample exactly as often as it needs (n_i + 1 times): the floor of
+    any active-set scheme, whatever its check schedule, with no solver work at all. Last,
+    that floor plus the work both solves share (the steps skip frozen rows, so the
+    whole-batch solve's time beyond its own f calls is paid by the compacted one too)."""
     f, args, _ = heterogeneous_batch()
     z0 = torch.zeros(B, D)
     kw = dict(args=args, method=method, tol=TOL, max_iter=MAX_ITER, m=5 if method == "anderson" else None,
               backend=BACKEND)
     sizes = []
-    zs = imp_fast.solve(lambda z, *a: sizes.append(z.shape[0]) or f(z, *a), z0, compact=True, **kw).z
+    r = imp_fast.solve(lambda z, *a: sizes.append(z.shape[0]) or f(z, *a), z0, compact=True, **kw)
+    zs = r.z
+    # The ideal working sets: sample i evaluated exactly n_i + 1 times (its n_i updates and
+    # the evaluation that finds it converged), i.e. frozen rows leave at once, at no cost.
+    evals = (r.n_iter + 1).tolist()
+    ideal = [sum(e > t for e in evals) for t in range(max(evals))]
 
-    def f_alone():  # on the fixed points (values in the range the solve's iterates take)
+    def f_alone(sizes):  # on the fixed points (values in the range the solve's iterates take)
         with torch.no_grad():
             for k in sizes:
                 f(zs[:k], *(a[:k] for a in args))
 
+    whole_sizes = [B] * imp_fast.solve(f, z0, compact=False, **kw).iterations
+
     runs = {"whole": lambda: imp_fast.solve(f, z0, compact=False, **kw),
-            "compact": lambda: imp_fast.solve(f, z0, compact=True, **kw), "f": f_alone}
+            "compact": lambda: imp_fast.solve(f, z0, compact=True, **kw), "f": lambda: f_alone(sizes),
+            "f ideal": lambda: f_alone(ideal), "f whole": lambda: f_alone(whole_sizes)}
     times = {}
     benchmark.pedantic(interleaved_round, args=(runs, times), rounds=7, iterations=1, warmup_rounds=1)
     times = {k: v[1:] for k, v in times.items()}  # the warm-up round's times
@@ -114,3 +126,12 @@ def test_active_sets_interleaved(benchmark, record_interleaved, method):
     record_interleaved(table="active sets", run=f"f alone on the compact {method} working sets",
                        baseline="whole-batch", ms=1e3 * min(times["f"]), base_ms=1e3 * whole, target="(floor)",
                        rounds=len(times["f"]))
+    record_interleaved(table="active sets", run=f"f alone on the ideal {method} working sets ({sum(ideal)} rows)",
+                       baseline="whole-batch", ms=1e3 * min(times["f ideal"]), base_ms=1e3 * whole,
+                       target="(floor, any check schedule)", rounds=len(times["f ideal"]))
+    # The steps skip frozen rows, so the step work (and the loop around f) is the same in
+    # both solves: the whole-batch solve's time beyond its f calls, added to the ideal floor.
+    shared = [w - fw for w, fw in zip(times["whole"], times["f whole"])]
+    record_interleaved(table="active sets", run=f"ideal {method} floor + the solver work both solves do",
+                       baseline="whole-batch", ms=1e3 * min(i + s for i, s in zip(times["f ideal"], shared)),
+                       base_ms=1e3 * whole, target="(floor with the steps)", rounds=len(shared))

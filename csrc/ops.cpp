@@ -696,7 +696,8 @@ PyMethodDef methods[] = {
     {"_running_rows", imp_fast::running_rows_py, METH_O,
      "_running_rows(status): int64 indices of the rows whose int8 status is 0 (CPU)."},
     {"_gather_rows", imp_fast::gather_rows_py, METH_VARARGS,
-     "_gather_rows(groups, idx): rows idx of each group of tensors, one new buffer per group (CPU)."},
+     "_gather_rows(groups, idx[, prefix]): rows idx of each group of tensors, one new buffer per group "
+     "(CPU); prefix: per group, the number of dim-1 slices copied (the rest zeroed), or None."},
     {"_scatter_rows", imp_fast::scatter_rows_py, METH_VARARGS,
      "_scatter_rows(pairs, idx): dst[idx[i]] = src[i] for each (dst, src) pair (CPU)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -11,10 +11,15 @@
 // are the same tensors, values and layouts (tests compare both paths).
 //
 //   _running_rows(status)       int64 indices of the rows whose int8 status is 0
-//   _gather_rows(groups, idx)   for each group (a tuple of tensors of one shape and dtype,
+//   _gather_rows(groups, idx[, prefix])
+//                               for each group (a tuple of tensors of one shape and dtype,
 //                               or None): one new (n, k, ...) buffer holding rows idx of
 //                               each member, returned as its n slices (the layout
-//                               LoopState.create gives its pairs), or None
+//                               LoopState.create gives its pairs), or None. prefix (a
+//                               list, one int or None per group): copy only the first
+//                               prefix[g] slices along dim 1 of each row and zero the
+//                               rest (Broyden's U and V hold data only in their written
+//                               slots; the rest is zero, so the result is the same)
 //   _scatter_rows(pairs, idx)   for each (dst, src): dst[idx[i]] = src[i]
 #include <Python.h>
 
@@ -81,9 +86,24 @@ void move_rows(char* dst, const char* src, const int64_t* ix, int64_t k, int64_t
 
 PyObject* wrap(const at::Tensor& t) { return THPVariable_Wrap(t); }
 
+// dst row i <- the first pb bytes of src row ix[i], then zeros up to rb bytes
+void move_row_prefixes(char* dst, const char* src, const int64_t* ix, int64_t k, int64_t rb, int64_t pb) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(rb, 1));
+  at::parallel_for(0, k, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (pb > 0) std::memcpy(dst + i * rb, src + ix[i] * rb, pb);
+      if (rb > pb) std::memset(dst + i * rb + pb, 0, rb - pb);
+    }
+  });
+}
+
 // (list, idx tensor) arguments; false with a Python error set otherwise
-bool parse_list_idx(PyObject* args, const char* sig, PyObject** list, PyObject** idx) {
-  if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, list, idx)) return false;
+bool parse_list_idx(PyObject* args, const char* sig, PyObject** list, PyObject** idx, PyObject** opt = nullptr) {
+  if (opt != nullptr) {
+    if (!PyArg_ParseTuple(args, "O!O|O", &PyList_Type, list, idx, opt)) return false;
+  } else if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, list, idx)) {
+    return false;
+  }
   if (!THPVariable_Check(*idx)) {
     PyErr_Format(PyExc_TypeError, "%s: idx must be a tensor", sig);
     return false;
@@ -127,9 +147,33 @@ PyObject* running_rows_py(PyObject* /*self*/, PyObject* arg) {
 }
 
 PyObject* gather_rows_py(PyObject* /*self*/, PyObject* args) {
-  PyObject *groups, *idx_obj;
-  if (!parse_list_idx(args, "imp_fast._C._gather_rows(groups, idx)", &groups, &idx_obj)) return nullptr;
+  PyObject *groups, *idx_obj, *prefix_obj = Py_None;
+  if (!parse_list_idx(args, "imp_fast._C._gather_rows(groups, idx[, prefix])", &groups, &idx_obj, &prefix_obj))
+    return nullptr;
   const Py_ssize_t ng = PyList_GET_SIZE(groups);
+  // prefix[g]: slices of dim 1 to copy (-1: the whole row)
+  std::vector<int64_t> prefix(static_cast<size_t>(ng), -1);
+  if (prefix_obj != Py_None) {
+    if (!PyList_Check(prefix_obj) || PyList_GET_SIZE(prefix_obj) != ng) {
+      PyErr_SetString(PyExc_TypeError, "imp_fast._C._gather_rows: prefix must be a list with one entry per group");
+      return nullptr;
+    }
+    for (Py_ssize_t g = 0; g < ng; ++g) {
+      PyObject* p = PyList_GET_ITEM(prefix_obj, g);
+      if (p == Py_None) continue;
+      if (!PyLong_Check(p)) {
+        PyErr_Format(PyExc_TypeError, "imp_fast._C._gather_rows: prefix[%zd] must be an int or None", g);
+        return nullptr;
+      }
+      const long long v = PyLong_AsLongLong(p);
+      if (v == -1 && PyErr_Occurred()) return nullptr;
+      if (v < 0) {
+        PyErr_Format(PyExc_ValueError, "imp_fast._C._gather_rows: prefix[%zd] must be >= 0, got %lld", g, v);
+        return nullptr;
+      }
+      prefix[static_cast<size_t>(g)] = static_cast<int64_t>(v);
+    }
+  }
   // Validate every group before anything is allocated or copied.
   for (Py_ssize_t g = 0; g < ng; ++g) {
     PyObject* grp = PyList_GET_ITEM(groups, g);
@@ -162,15 +206,26 @@ PyObject* gather_rows_py(PyObject* /*self*/, PyObject* args) {
                     "imp_fast._C._gather_rows: the tensors of a group must share shape and dtype");
       }
       ix.fits(first.size(0), "imp_fast._C._gather_rows");
+      const int64_t pre = prefix[static_cast<size_t>(g)];
+      TORCH_CHECK(pre < 0 || (first.dim() >= 2 && pre <= first.size(1)), "imp_fast._C._gather_rows: prefix ", pre,
+                  " needs tensors with a dim 1 of at least that size, got shape ", first.sizes());
       std::vector<int64_t> shape = {static_cast<int64_t>(n), k};
       for (int64_t d = 1; d < first.dim(); ++d) shape.push_back(first.size(d));
       at::Tensor buf = at::empty(shape, first.options());
       const int64_t rb = row_bytes(first);
+      const int64_t pb = pre < 0 || first.size(1) == 0 ? rb : rb / first.size(1) * pre;
       for (Py_ssize_t j = 0; j < n; ++j) {
         const at::Tensor& t = THPVariable_Unpack(PyTuple_GET_ITEM(grp, j));
         at::Tensor dst = buf.select(0, j);
-        if (k > 0 && rb > 0)
-          move_rows(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(t.data_ptr()), ix.p, k, rb, false);
+        char* d = static_cast<char*>(dst.data_ptr());
+        const char* src = static_cast<const char*>(t.data_ptr());
+        if (k > 0 && rb > 0) {
+          if (pb == rb) {
+            move_rows(d, src, ix.p, k, rb, false);
+          } else {
+            move_row_prefixes(d, src, ix.p, k, rb, pb);
+          }
+        }
         outs[g].push_back(dst);
       }
     }

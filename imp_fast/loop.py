@@ -316,7 +316,9 @@ def run_loop(
                 if keep.numel() <= work.z.shape[0] - max(1, work.z.shape[0] // 8) and done < max_iter:
                     if rows is not None:
                         work.scatter_into(st, rows)
-                    work = work.gather(keep)
+                    # Broyden: U and V are copied only as far as they are written
+                    slots = None if broyden_step is None else _broyden.written_slots(done, m)
+                    work = work.gather(keep, broyden_slots=slots)
                     # the batched arguments, the budgets and the global row indices: one gather
                     n_args = len(w_args)
                     moved = gather_rows(w_args + (w_budget, rows), keep)

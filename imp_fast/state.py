@@ -49,20 +49,30 @@ def running_rows(status: torch.Tensor) -> torch.Tensor:
     return (status == 0).nonzero().squeeze(1)
 
 
-def _gather_groups(groups: Sequence[Optional[Tuple[torch.Tensor, ...]]], idx: torch.Tensor) -> list:
+def _gather_groups(groups: Sequence[Optional[Tuple[torch.Tensor, ...]]], idx: torch.Tensor,
+                   prefix: Optional[Sequence[Optional[int]]] = None) -> list:
     """Rows ``idx`` of every group (a tuple of tensors of one shape and dtype, or None):
     each group into one new ``(n, k, ...)`` buffer, returned as its n slices (the layout
-    LoopState.create gives its pairs). One call on CPU, index_selects elsewhere."""
+    LoopState.create gives its pairs). ``prefix[g]`` (an int): of each row only the first
+    ``prefix[g]`` slices along dim 1 are copied, the rest of the row is zero. One call on
+    CPU, index_selects elsewhere."""
     if _fast_rows([t for g in groups if g is not None for t in g], idx):
-        return _gather_rows_cpu(list(groups), idx)
+        return _gather_rows_cpu(list(groups), idx, None if prefix is None else list(prefix))
     out = []
-    for g in groups:
+    for j, g in enumerate(groups):
         if g is None:
             out.append(None)
             continue
-        buf = g[0].new_empty((len(g), idx.numel()) + tuple(g[0].shape[1:]))
-        for i, t in enumerate(g):
-            torch.index_select(t, 0, idx, out=buf[i])
+        p = None if prefix is None else prefix[j]
+        shape = (len(g), idx.numel()) + tuple(g[0].shape[1:])
+        if p is None:
+            buf = g[0].new_empty(shape)
+            for i, t in enumerate(g):
+                torch.index_select(t, 0, idx, out=buf[i])
+        else:
+            buf = g[0].new_zeros(shape)
+            for i, t in enumerate(g):
+                buf[i, :, :p] = t[:, :p].index_select(0, idx)
         out.append(tuple(buf.unbind(0)))
     return out
 
@@ -200,12 +210,19 @@ class LoopState:
     # memory (history, divergence reference) that frozen samples no longer need.
     RESULT_FIELDS = ("z", "status", "n_iter", "abs_res", "rel_res", "best_z", "best_abs", "best_rel")
 
-    def gather(self, idx: torch.Tensor) -> "LoopState":
+    def gather(self, idx: torch.Tensor, *, broyden_slots: Optional[int] = None) -> "LoopState":
         """The rows ``idx`` of this state as a new state of the same layout (empty cache).
 
         Active sets (``solve(..., compact=True)``): the running samples are gathered at
-        a check, and the loop then steps only them.
+        a check, and the loop then steps only them. ``broyden_slots``: the number of
+        leading slots of U and V that may hold data (the rest are unwritten, i.e. zero):
+        only those are copied, the rest of the new U and V is zero (the same result,
+        and a shorter copy while the Broyden memory is filling up).
         """
+        if broyden_slots is not None and (not isinstance(broyden_slots, int) or broyden_slots < 0):
+            raise ValueError(f"broyden_slots must be an int >= 0, got {broyden_slots!r}")
+        if broyden_slots is not None and self.U is not None:
+            broyden_slots = min(broyden_slots, self.U.shape[1])
         # Built straight into fresh tensors (no zero-filled state made first: at a check of
         # an Anderson solve that halved the gather's cost), keeping create()'s layouts:
         # abs/rel and best_abs/best_rel as rows of one (2, k) tensor, G and F as the halves
@@ -213,8 +230,12 @@ class LoopState:
         pairs = ((self.abs_res, self.rel_res), (self.best_abs, self.best_rel), (self.G, self.F))
         singles = (self.z, self.status, self.n_iter, self.abs0, self.best_z, self.H, self.U, self.V, self.z_prev,
                    self.g_prev, self.tol)
+        prefix = None
+        if broyden_slots is not None:  # U and V: only the written slots
+            prefix = [None] * len(pairs) + [broyden_slots if t is not None and (t is self.U or t is self.V) else None
+                                            for t in singles]
         got = _gather_groups([None if a is None else (a, b) for a, b in pairs]
-                             + [None if t is None else (t,) for t in singles], idx)
+                             + [None if t is None else (t,) for t in singles], idx, prefix)
         (ar, rr), (ba, br), (G, F) = ((None, None) if g is None else g for g in got[:3])
         z, status, n_iter, abs0, best_z, H, U, V, z_prev, g_prev, tol = (None if g is None else g[0] for g in got[3:])
         return LoopState(z=z, status=status, n_iter=n_iter, abs_res=ar, rel_res=rr, abs0=abs0, best_z=best_z,

@@ -86,6 +86,49 @@ def test_broyden_in_implicit_solve_gradients_match_anderson():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_written_slots_bounds_what_every_step_writes(backend):
+    """written_slots(done, m) (what a compacting check copies of U and V) against the
+    steps themselves: after done steps, the slots from written_slots on are all zero and
+    the last slot before it was just written, through two restarts of the memory."""
+    from imp_fast.backends import broyden as broyden_mod
+    from imp_fast.backends import get_backend
+    from imp_fast.state import LoopState, StepParams
+
+    impl = get_backend(backend, torch.device("cpu"))
+    step = impl.broyden_step or broyden_mod.broyden_step
+    B, D, m = 3, 16, 3
+    A, b = contractive_linear(B, D, rho=0.9)
+    f = linear_map(A, b)
+    st = LoopState.create(torch.zeros(B, D, dtype=F64), m=None, return_best=False, broyden_m=m)
+    p = StepParams(tol=0.0, beta=1.0, stop_rel=False, divergence=float("inf"), eps=0.0)
+    for done in range(1, 3 * m + 3):
+        step(st, f(st.z.clone()), p, done - 1)
+        assert bool((st.status == 0).all())
+        w = broyden_mod.written_slots(done, m)
+        assert not st.U[:, w:].any() and not st.V[:, w:].any(), (done, w)
+        if done > 1:
+            assert bool(st.U[:, w - 1].abs().sum(1).gt(0).all()), (done, w)  # not one too many
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,check_every", [(2, 1), (3, 2), (4, 3), (5, 1)])
+def test_compaction_keeps_the_broyden_memory_across_restarts(backend, m, check_every):
+    """Compacting checks at every phase of the ring buffer (filling, full, just
+    restarted): the compacted solve makes the uncompacted one's iterates."""
+    from test_active_sets import heterogeneous_batch
+
+    f, args, z0, rows = heterogeneous_batch(B=10, D=24, rho=0.95)
+    opts = dict(method="broyden", m=m, tol=1e-10, max_iter=300, check_every=check_every, backend=backend)
+    full = imp_fast.solve(f, z0, args=args, **opts)
+    full_rows, _ = sum(rows), rows.clear()
+    comp = imp_fast.solve(f, z0, args=args, compact=True, **opts)
+    assert full.ok and torch.equal(full.n_iter, comp.n_iter)
+    assert len(set(full.n_iter.tolist())) > 3 and int(full.n_iter.max()) > 2 * m  # restarts happened
+    assert sum(rows) < full_rows  # and the working set shrank
+    torch.testing.assert_close(comp.z, full.z, rtol=0, atol=1e-12)
+
+
 def test_broyden_compact_equals_uncompacted():
     from test_active_sets import heterogeneous_batch
 

@@ -62,6 +62,48 @@ def test_gather_equals_index_select_and_keeps_the_layout(kind, dtype, torch_ops)
         assert _adjacent(fast.G, fast.F)
 
 
+@pytest.mark.parametrize("slots", [0, 1, 3, 4, 9])
+def test_gather_copies_only_the_written_broyden_slots(slots, torch_ops):
+    st = _state("broyden", torch.float64, m=4)
+    st.U[:, min(slots, 4):] = 0  # unwritten slots hold zeros
+    st.V[:, min(slots, 4):] = 0
+    idx = torch.tensor([0, 2, 3, 5, 8])
+    want = st.gather(idx)
+    fast = st.gather(idx, broyden_slots=slots)
+    torch_ops()
+    slow = st.gather(idx, broyden_slots=slots)
+    for name, w in want.tensors().items():
+        if w is not None:
+            assert torch.equal(getattr(fast, name), w) and torch.equal(getattr(slow, name), w), name
+    # copied as far as told: data past the prefix does not come along
+    st.U.fill_(1.0)
+    assert not slow.U[:, slots:].any()
+    assert not _state("broyden", torch.float64, m=4).gather(idx, broyden_slots=1).V[:, 1:].any()
+
+
+def test_gather_prefix_zeroes_the_rest_of_each_row():
+    C = state_mod._ext
+    a, b = torch.randn(6, 5, 3), torch.randn(6, 2)
+    idx = torch.tensor([4, 1])
+    (ga,), (gb,) = C._gather_rows([(a,), (b,)], idx, [2, None])
+    assert torch.equal(ga[:, :2], a[idx, :2]) and not ga[:, 2:].any()
+    assert torch.equal(gb, b[idx])
+    (g0,), = C._gather_rows([(a,)], idx, [0])
+    assert g0.shape == (2, 5, 3) and not g0.any()
+    with pytest.raises(RuntimeError, match="prefix 6"):
+        C._gather_rows([(a,)], idx, [6])
+    with pytest.raises(RuntimeError, match="prefix 1"):  # no dim 1
+        C._gather_rows([(b[:, 0].contiguous(),)], idx, [1])
+    with pytest.raises(ValueError, match=">= 0"):
+        C._gather_rows([(a,)], idx, [-1])
+    with pytest.raises(TypeError, match="one entry per group"):
+        C._gather_rows([(a,), (b,)], idx, [2])
+    with pytest.raises(TypeError, match="an int or None"):
+        C._gather_rows([(a,)], idx, [2.0])
+    with pytest.raises(ValueError, match="broyden_slots"):
+        _state("broyden", torch.float64).gather(idx, broyden_slots=-1)
+
+
 @pytest.mark.parametrize("kind", ["picard", "anderson"])
 def test_scatter_equals_index_copy(kind, torch_ops):
     work = _state(kind, torch.float32, B=4)

@@ -26,7 +26,17 @@ import torch
 from ..state import LoopState, StepParams
 from .reference import _cast, _plain_head, _plain_move
 
-__all__ = ["broyden_step"]
+__all__ = ["broyden_step", "written_slots"]
+
+
+def written_slots(done: int, m: int) -> int:
+    """How many leading slots of U and V may hold data after the steps k = 0 .. done - 1
+    (every backend's Broyden step): the step at k >= 1 writes slot (k - 1) mod m, and
+    at a restart (k > 1, slot 0) zeroes them all first. Slots from there on are zero.
+    Active sets copy only these at a check."""
+    if done <= 1:
+        return 0
+    return (done - 2) % m + 1
 
 
 def broyden_step(st: LoopState, fz: torch.Tensor, p: StepParams, k: int) -> None:
