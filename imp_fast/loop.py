@@ -124,7 +124,10 @@ def solve(
             ``args`` are gathered once per check, not per iteration) and the answers
             are scattered back at the end. Statuses, n_iter, residuals, traces and
             ``return_best`` keep their meaning, and the answers equal the
-            uncompacted solve for a batch-separable f. It pays when samples need
+            uncompacted solve for a batch-separable f (bit for bit when f computes a
+            row the same way whatever the number of rows; a BLAS matrix product
+            rounds by row count, which near tol can move a sample's stop by an
+            iteration). It pays when samples need
             very different numbers of iterations; it is wrong for an f that couples
             samples (BatchNorm in training mode, batch statistics): there, leave it
             off. Needs ``check_every`` (an int) and ``batched=True``.
@@ -256,7 +259,7 @@ def run_loop(
         # it is `st` itself; with it, the running rows (global indices `rows`) of st.
         work, rows, w_args, w_budget = st, None, args, budget
         # Hoisted out of the loop: at small sizes Python work per iteration shows up.
-        w_shape = shape
+        w_shape, z0_shape = shape, None  # z0_shape: set once the working set shrank (error messages)
         z_in = st.z if st.z.shape == shape else st.z.view(shape)
         z_lo, z_hi = (0, 0) if compiling else _storage_span(st.z)
         flat = z0.dim() == 2 and batched
@@ -274,7 +277,7 @@ def run_loop(
                 fz = f(z_in.clone() if protect else z_in, *w_args)
             if autocast_on and isinstance(fz, torch.Tensor) and fz.dtype != z.dtype and fz.is_floating_point():
                 fz = fz.to(z.dtype)  # autocast: f ran in lower precision; the state keeps its dtype
-            check_f_output(fz, z_in, w_shape)
+            check_f_output(fz, z_in, w_shape, z0_shape)
             if not flat:
                 fz = fz.reshape(work.z.shape)
             if not compiling and z_lo <= fz.data_ptr() < z_hi:
@@ -325,6 +328,7 @@ def run_loop(
                     w_args, w_budget = moved[:n_args], moved[n_args]
                     rows = keep if rows is None else moved[n_args + 1]
                     w_shape = (keep.numel(),) + tuple(shape[1:])
+                    z0_shape = shape
                     z_in = work.z if work.z.shape == w_shape else work.z.view(w_shape)
                     z_lo, z_hi = (0, 0) if compiling else _storage_span(work.z)
         iterations = k + 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 
@@ -91,11 +91,17 @@ def suggest_option(name: str, known: Iterable[str]) -> Optional[str]:
     return by_norm[close[0]] if close else None
 
 
-def check_f_output(fz: Any, z: torch.Tensor, shape: torch.Size) -> None:
-    """f must return a tensor with z's shape, dtype and device."""
+def check_f_output(fz: Any, z: torch.Tensor, shape: Tuple[int, ...],
+                   z0_shape: Optional[Tuple[int, ...]] = None) -> None:
+    """f must return a tensor with z's shape, dtype and device. ``z0_shape``: given once an
+    active set shrank (shape is then the working set's), for the error message."""
     if not isinstance(fz, torch.Tensor):
         raise TypeError(f"f must return a torch.Tensor, got {type(fz).__name__}")
     if fz.shape != shape:
+        if z0_shape is not None:
+            raise ValueError(
+                f"f returned shape {tuple(fz.shape)}, expected {tuple(shape)}: the shape of z0 {tuple(z0_shape)} "
+                f"with only the {shape[0]} samples still running (compact=True)")
         raise ValueError(f"f returned shape {tuple(fz.shape)}, expected the shape of z0 {tuple(shape)}")
     if fz.dtype != z.dtype:
         raise TypeError(f"f returned dtype {fz.dtype}, expected z0's dtype {z.dtype}")

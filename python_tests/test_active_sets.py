@@ -119,6 +119,22 @@ def test_bad_active_set_arguments(kw, exc, match):
         imp_fast.solve(lambda z, *a: z * 0.5, torch.zeros(3, 2), **kw)
 
 
+def test_wrong_output_shape_after_a_shrink_names_the_working_set():
+    calls = []
+
+    def f(z, c):  # the first three samples are fixed at 0 and freeze at once
+        calls.append(z.shape[0])
+        out = 0.5 * z + c[:, None]
+        return out if len(calls) < 6 else out[:, :3]
+
+    z0 = torch.zeros(6, 4)
+    c = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"f returned shape \(3, 3\), expected \(3, 4\): the shape of z0 \(6, 4\) "
+                                         r"with only the 3 samples still running \(compact=True\)"):
+        imp_fast.solve(f, z0, args=(c,), compact=True, method="picard", tol=1e-6, max_iter=100, check_every=2)
+    assert calls[-1] == 3 and not z0.any() and c.tolist() == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+
+
 @pytest.mark.parametrize("backward", ["ift", "jfb"])
 def test_implicit_solve_compact_forward_same_answer_and_gradients(backward):
     # x carries each sample's input (first D columns) and its contraction scale (last D
