@@ -255,11 +255,6 @@ IMP_FAST_HOT void write_pass(s_t* zb, const a_t* g, const a_t* zn, a_t* zp, a_t*
   }
 }
 
-template <typename T>
-T* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Tensor& status,
                       const at::Tensor& n_iter, const at::Tensor& abs_res, const at::Tensor& rel_res,
                       const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
@@ -281,14 +276,7 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
     s_t* zp_all = z.data_ptr<s_t>();
     const s_t* fp_all = fz.data_ptr<s_t>();
     s_t* bz = opt_ptr<s_t>(best_z);
-    int8_t* st_p = status.data_ptr<int8_t>();
-    int32_t* ni_p = n_iter.data_ptr<int32_t>();
-    a_t* ar_p = abs_res.data_ptr<a_t>();
-    a_t* rr_p = rel_res.data_ptr<a_t>();
-    const a_t* a0_p = abs0.data_ptr<a_t>();
-    a_t* ba_p = opt_ptr<a_t>(best_abs);
-    a_t* br_p = opt_ptr<a_t>(best_rel);
-    const a_t* tol_p = opt_ptr<a_t>(tol_t);
+    const HeadPtrs<a_t> h = head_ptrs<a_t>(status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, tol_t);
     a_t* Up = U.data_ptr<a_t>();
     a_t* Vp = V.data_ptr<a_t>();
     a_t* zprev = z_prev.data_ptr<a_t>();
@@ -314,7 +302,7 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
         }
         // Samples not running: the torch step writes a zero update into their new slot,
         // which holds zeros already (slots [used, m) are unwritten): nothing to do.
-        if (st_p[b] != 0) continue;
+        if (h.status[b] != 0) continue;
         s_t* zb = zp_all + b * D;
         const s_t* fb = fp_all + b * D;
         a_t* zpb = zprev + b * D;
@@ -327,7 +315,7 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
         }
         a_t abs_r, nf;
         norms_from_sums(sg, sf, static_cast<const s_t*>(zb), fb, D, abs_r, nf);
-        const uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c, tol_p);
+        const uint8_t fl = sample_head<a_t>(abs_r, nf, b, h, c);
         if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
         if (!(fl & kStill)) continue;
         bool step_finite = true, storable = true;
@@ -352,7 +340,7 @@ void broyden_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Te
           step_pass<false, s_t>(zb, Us, g, a_t(0), a_t(0), c.beta, D, zn, step_finite, storable);
         }
         if (!step_finite) storable = picard_fallback(static_cast<const s_t*>(zb), g, c.beta, D, zn);
-        if (!storable) flag_update_overflow(b, st_p, ni_p);  // keeps z and n_iter
+        if (!storable) flag_update_overflow(b, h.status, h.n_iter);  // keeps z and n_iter
         write_pass(zb, g, zn, zpb, gpb, D, storable);
       }
     });

@@ -7,7 +7,25 @@
 
 #include <optional>
 
+#include "step_common.h"
+
 namespace imp_fast {
+
+// The data pointer of an optional tensor argument, nullptr when it is not given.
+template <typename T>
+T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// The head's per-sample pointers (HeadPtrs) of a step op's (checked) arguments.
+template <typename a_t>
+HeadPtrs<a_t> head_ptrs(const at::Tensor& status, const at::Tensor& n_iter, const at::Tensor& abs_res,
+                        const at::Tensor& rel_res, const at::Tensor& abs0, const std::optional<at::Tensor>& best_abs,
+                        const std::optional<at::Tensor>& best_rel, const std::optional<at::Tensor>& tol_t) {
+  return HeadPtrs<a_t>{status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(), abs_res.data_ptr<a_t>(),
+                       rel_res.data_ptr<a_t>(),   abs0.data_ptr<a_t>(),       opt_ptr<a_t>(best_abs),
+                       opt_ptr<a_t>(best_rel),    opt_ptr<a_t>(tol_t)};
+}
 
 inline void check_state(const at::Tensor& z, const at::Tensor& fz, const at::Tensor& status,
                  const at::Tensor& n_iter, const at::Tensor& abs_res, const at::Tensor& rel_res,

@@ -190,12 +190,11 @@ inline Shape shape_of(const at::Tensor& z) {
 // residuals near the dtype's limits, or exactly zero).
 template <typename s_t, typename a_t>
 void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, const std::vector<a_t>& pf,
-                  const s_t* z, const s_t* fz, int8_t* status, int32_t* n_iter, a_t* abs_res, a_t* rel_res,
-                  const a_t* abs0, a_t* best_abs, a_t* best_rel, const StepScalars<a_t>& c,
-                  const a_t* tol_p, std::vector<uint8_t>& flags) {
+                  const s_t* z, const s_t* fz, const HeadPtrs<a_t>& h, const StepScalars<a_t>& c,
+                  std::vector<uint8_t>& flags) {
   flags.assign(B, 0);
   for (int64_t b = 0; b < B; ++b) {
-    if (status[b] != 0) continue;
+    if (h.status[b] != 0) continue;
     a_t sg = 0, sf = 0;
     for (int64_t ch = 0; ch < nc; ++ch) {
       sg += pg[b * nc + ch];
@@ -203,8 +202,7 @@ void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, 
     }
     a_t abs_r, nf;
     norms_from_sums(sg, sf, z + b * D, fz + b * D, D, abs_r, nf);
-    uint8_t fl =
-        sample_head<a_t>(abs_r, nf, b, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, tol_p);
+    uint8_t fl = sample_head<a_t>(abs_r, nf, b, h, c);
     if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta)) fl |= kCheck;
     flags[b] = fl;
   }
@@ -214,21 +212,19 @@ void finish_heads(int64_t B, int64_t D, int64_t nc, const std::vector<a_t>& pg, 
 // flags[b]: bit0 running at entry, bit1 better (best tracking), bit2 still running,
 // bit3 update to check.
 template <typename s_t, typename a_t>
-void head(const Shape& s, const s_t* z, const s_t* fz, int8_t* status, int32_t* n_iter,
-          a_t* abs_res, a_t* rel_res, const a_t* abs0, a_t* best_abs, a_t* best_rel,
-          const StepScalars<a_t>& c, const a_t* tol_p, std::vector<uint8_t>& flags) {
+void head(const Shape& s, const s_t* z, const s_t* fz, const HeadPtrs<a_t>& h, const StepScalars<a_t>& c,
+          std::vector<uint8_t>& flags) {
   const int64_t B = s.B, D = s.D, nc = s.nc;
   std::vector<a_t> pg(B * nc), pf(B * nc);
   at::parallel_for(0, B * nc, s.grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nc, ch = t % nc;
-      if (status[b] != 0) continue;
+      if (h.status[b] != 0) continue;
       const int64_t j0 = ch * kChunk, n = std::min(kChunk, D - j0);
       residual_sums(z + b * D + j0, fz + b * D + j0, n, pg[t], pf[t]);
     }
   });
-  finish_heads(B, D, nc, pg, pf, z, fz, status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, c, tol_p,
-               flags);
+  finish_heads(B, D, nc, pg, pf, z, fz, h, c, flags);
 }
 
 // Whether every entry of the damped update z + beta (f - z) of n elements is finite
@@ -258,11 +254,6 @@ void check_damped_updates(int64_t B, int64_t D, const s_t* z, const s_t* fz, a_t
   });
 }
 
-template <typename T>
-T* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Tensor& status,
                      const at::Tensor& n_iter, const at::Tensor& abs_res,
                      const at::Tensor& rel_res, const at::Tensor& abs0,
@@ -280,7 +271,7 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
     using s_t = scalar_t;
     using a_t = at::opmath_type<s_t>;
     const StepScalars<a_t> c = make_scalars<a_t>(tol, beta, stop_rel, divergence, eps, 0.0);
-    const a_t* tol_p = opt_ptr<a_t>(tol_t);
+    const HeadPtrs<a_t> h = head_ptrs<a_t>(status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, tol_t);
     s_t* zp = z.data_ptr<s_t>();
     const s_t* fp = fz.data_ptr<s_t>();
     s_t* bz = opt_ptr<s_t>(best_z);
@@ -288,25 +279,20 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
       // A sample fits one task: its head and its update in one visit, so the update
       // reads f(z) back from cache instead of from memory (the step is bandwidth-bound).
       // Same sums in the same order as the two-pass path below: the same results.
-      int8_t* st_p = status.data_ptr<int8_t>();
-      int32_t* ni_p = n_iter.data_ptr<int32_t>();
-      a_t *ar = abs_res.data_ptr<a_t>(), *rr = rel_res.data_ptr<a_t>();
-      a_t *ba = opt_ptr<a_t>(best_abs), *br = opt_ptr<a_t>(best_rel);
-      const a_t* a0 = abs0.data_ptr<a_t>();
       const int64_t D = s.D;
       at::parallel_for(0, s.B, s.grain, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          if (st_p[b] != 0) continue;
+          if (h.status[b] != 0) continue;
           s_t* zb = zp + b * D;
           const s_t* fb = fp + b * D;
           a_t sg = 0, sf = 0;
           residual_sums(zb, fb, D, sg, sf);
           a_t abs_r, nf;
           norms_from_sums(sg, sf, zb, fb, D, abs_r, nf);
-          uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar, rr, a0, ba, br, c, tol_p);
+          uint8_t fl = sample_head<a_t>(abs_r, nf, b, h, c);
           if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta) &&
               !damped_finite(zb, fb, c.beta, D)) {
-            flag_update_overflow(b, st_p, ni_p);
+            flag_update_overflow(b, h.status, h.n_iter);
             fl &= static_cast<uint8_t>(~(kStill | kCheck));
           }
           if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
@@ -316,12 +302,9 @@ void picard_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::Ten
       return;
     }
     std::vector<uint8_t> flags;
-    head<s_t, a_t>(s, zp, fp, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
-                   abs_res.data_ptr<a_t>(), rel_res.data_ptr<a_t>(), abs0.data_ptr<a_t>(),
-                   opt_ptr<a_t>(best_abs), opt_ptr<a_t>(best_rel), c, tol_p, flags);
+    head<s_t, a_t>(s, zp, fp, h, c, flags);
     const int64_t D = s.D, nc = s.nc;
-    check_damped_updates<s_t, a_t>(s.B, D, zp, fp, c.beta, status.data_ptr<int8_t>(), n_iter.data_ptr<int32_t>(),
-                                   flags);
+    check_damped_updates<s_t, a_t>(s.B, D, zp, fp, c.beta, h.status, h.n_iter, flags);
     at::parallel_for(0, s.B * nc, s.grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / nc, ch = t % nc;
@@ -403,15 +386,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
     s_t* Gp = G.data_ptr<s_t>();
     a_t* Hp = H.data_ptr<a_t>();
     const int64_t B = s.B, D = s.D, nc = s.nc;
-    int8_t* st_p = status.data_ptr<int8_t>();
-
-    int32_t* ni_p = n_iter.data_ptr<int32_t>();
-    a_t* ar_p = abs_res.data_ptr<a_t>();
-    a_t* rr_p = rel_res.data_ptr<a_t>();
-    const a_t* a0_p = abs0.data_ptr<a_t>();
-    a_t* ba_p = opt_ptr<a_t>(best_abs);
-    a_t* br_p = opt_ptr<a_t>(best_rel);
-    const a_t* tol_p = opt_ptr<a_t>(tol_t);
+    const HeadPtrs<a_t> h = head_ptrs<a_t>(status, n_iter, abs_res, rel_res, abs0, best_abs, best_rel, tol_t);
     std::vector<a_t> alpha(B * m);
     std::vector<uint8_t> solved(B, 0);
 
@@ -460,7 +435,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
         std::vector<const s_t*> rows(m);
         std::vector<double> A(m * m), x(m);
         for (int64_t b = b0; b < b1; ++b) {
-          if (st_p[b] != 0) continue;
+          if (h.status[b] != 0) continue;
           s_t* zb = zp + b * D;
           const s_t* fb = fp + b * D;
           a_t sg, sf;
@@ -468,7 +443,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
                             gbuf.data(), row.data(), sg, sf, rows.data());
           a_t abs_r, nf;
           norms_from_sums(sg, sf, static_cast<const s_t*>(zb), fb, D, abs_r, nf);
-          uint8_t fl = sample_head<a_t>(abs_r, nf, b, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c, tol_p);
+          uint8_t fl = sample_head<a_t>(abs_r, nf, b, h, c);
           if ((fl & kStill) && update_needs_check<s_t, a_t>(abs_r, nf, c.beta)) fl |= kCheck;
           gram_solve(b, fl, row.data(), A.data(), x.data());
           if (fl & kBetter) std::copy(zb, zb + D, bz + b * D);
@@ -478,7 +453,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
           if (ok) {
             store(zb, out.data(), D);
           } else if ((fl & kCheck) && !damped_finite(zb, fb, c.beta, D)) {
-            flag_update_overflow(b, st_p, ni_p);  // Picard fallback overflows: frozen
+            flag_update_overflow(b, h.status, h.n_iter);  // Picard fallback overflows: frozen
           } else {
             picard_chunk(b, 0, D);
           }
@@ -495,15 +470,14 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
       std::vector<const s_t*> rows(m);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / nc, ch = t % nc;
-        if (st_p[b] != 0) continue;
+        if (h.status[b] != 0) continue;
         const int64_t off = ch * kChunk, n = std::min(kChunk, D - off);
         head_history_gram(zp + b * D + off, fp + b * D + off, Fp + b * m * D + off, Gp + b * m * D + off,
                           slot, m, D, n, gbuf.data(), prow.data() + t * m, pg[t], pf[t], rows.data());
       }
     });
     std::vector<uint8_t> flags;
-    finish_heads(B, D, nc, pg, pf, static_cast<const s_t*>(zp), fp, st_p, ni_p, ar_p, rr_p, a0_p, ba_p, br_p, c,
-                 tol_p, flags);
+    finish_heads(B, D, nc, pg, pf, static_cast<const s_t*>(zp), fp, h, c, flags);
 
     // Phase 2 (per sample): Gram row/column, small solve, weights.
     at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (m * m * m + 1)), [&](int64_t b0, int64_t b1) {
@@ -535,7 +509,7 @@ void anderson_step_cpu(const at::Tensor& z, const at::Tensor& fz_in, const at::T
         for (int64_t ch = 0; all && ch < nc; ++ch) all = pok[b * nc + ch] != 0;
         ok[b] = all ? 1 : 0;
         if (!all && (flags[b] & kCheck) && !damped_finite(zp + b * D, fp + b * D, c.beta, D)) {
-          flag_update_overflow(b, st_p, ni_p);  // Picard fallback overflows: frozen
+          flag_update_overflow(b, h.status, h.n_iter);  // Picard fallback overflows: frozen
           flags[b] &= static_cast<uint8_t>(~(kStill | kCheck));
         }
       }

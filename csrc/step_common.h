@@ -88,6 +88,21 @@ struct StorageMax<c10::BFloat16> {
   static constexpr double value = 3.396177326406364e38;  // float 0x7F7F7FFF; 0x7F7F8000 rounds to inf
 };
 
+// The per-sample bookkeeping a step's head reads and writes, taken once per step from the
+// op's tensors (head_ptrs in checks.h): best_abs / best_rel are nullptr without best
+// tracking, tol without per-sample tolerances.
+template <typename a_t>
+struct HeadPtrs {
+  int8_t* status;
+  int32_t* n_iter;
+  a_t* abs_res;
+  a_t* rel_res;
+  const a_t* abs0;
+  a_t* best_abs;
+  a_t* best_rel;
+  const a_t* tol;
+};
+
 // Per-sample head of a sample running at entry, from its residual norm abs_r =
 // ||f(z) - z|| and nf = ||f(z)||: updates its residuals, status, n_iter and best
 // residuals; returns its flags. rel = abs / (nf + eps), and 0 when abs is 0 (an exact
@@ -121,6 +136,13 @@ C10_HOST_DEVICE inline uint8_t sample_head(a_t abs_r, a_t nf, int64_t b, int8_t*
     fl |= kStill;
   }
   return fl;
+}
+
+template <typename a_t>
+C10_HOST_DEVICE inline uint8_t sample_head(a_t abs_r, a_t nf, int64_t b, const HeadPtrs<a_t>& h,
+                                           const StepScalars<a_t>& c) {
+  return sample_head<a_t>(abs_r, nf, b, h.status, h.n_iter, h.abs_res, h.rel_res, h.abs0, h.best_abs, h.best_rel, c,
+                          h.tol);
 }
 
 // The damped update z + beta (f - z) can only overflow the storage type when this bound

@@ -208,11 +208,6 @@ __global__ void broyden_kernel(s_t* __restrict__ z, const s_t* __restrict__ fz, 
   }
 }
 
-template <typename T>
-T* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 void broyden_step_cuda(const at::Tensor& z, const at::Tensor& fz_in, const at::Tensor& status,
                        const at::Tensor& n_iter, const at::Tensor& abs_res, const at::Tensor& rel_res,
                        const at::Tensor& abs0, const std::optional<at::Tensor>& best_z,
