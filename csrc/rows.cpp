@@ -69,8 +69,9 @@ struct RowIndex {
   }
 };
 
-// dst row i <- src row ix[i] (gather) or dst row ix[i] <- src row i (scatter), rb bytes a row
-void move_rows(char* dst, const char* src, const int64_t* ix, int64_t k, int64_t rb, bool scatter) {
+// Gather: dst row i <- the first pb bytes of src row ix[i], zeros for the rest of its rb
+// bytes (pb = rb: the whole row). Scatter: dst row ix[i] <- src row i (pb = rb).
+void move_rows(char* dst, const char* src, const int64_t* ix, int64_t k, int64_t rb, bool scatter, int64_t pb) {
   // Row copies are independent: split them over threads only when there is enough to copy.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(rb, 1));
   at::parallel_for(0, k, grain, [&](int64_t i0, int64_t i1) {
@@ -78,24 +79,14 @@ void move_rows(char* dst, const char* src, const int64_t* ix, int64_t k, int64_t
       if (scatter) {
         std::memcpy(dst + ix[i] * rb, src + i * rb, rb);
       } else {
-        std::memcpy(dst + i * rb, src + ix[i] * rb, rb);
+        if (pb > 0) std::memcpy(dst + i * rb, src + ix[i] * rb, pb);
+        if (rb > pb) std::memset(dst + i * rb + pb, 0, rb - pb);
       }
     }
   });
 }
 
 PyObject* wrap(const at::Tensor& t) { return THPVariable_Wrap(t); }
-
-// dst row i <- the first pb bytes of src row ix[i], then zeros up to rb bytes
-void move_row_prefixes(char* dst, const char* src, const int64_t* ix, int64_t k, int64_t rb, int64_t pb) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(rb, 1));
-  at::parallel_for(0, k, grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      if (pb > 0) std::memcpy(dst + i * rb, src + ix[i] * rb, pb);
-      if (rb > pb) std::memset(dst + i * rb + pb, 0, rb - pb);
-    }
-  });
-}
 
 // (list, idx tensor) arguments; false with a Python error set otherwise
 bool parse_list_idx(PyObject* args, const char* sig, PyObject** list, PyObject** idx, PyObject** opt = nullptr) {
@@ -219,13 +210,7 @@ PyObject* gather_rows_py(PyObject* /*self*/, PyObject* args) {
         at::Tensor dst = buf.select(0, j);
         char* d = static_cast<char*>(dst.data_ptr());
         const char* src = static_cast<const char*>(t.data_ptr());
-        if (k > 0 && rb > 0) {
-          if (pb == rb) {
-            move_rows(d, src, ix.p, k, rb, false);
-          } else {
-            move_row_prefixes(d, src, ix.p, k, rb, pb);
-          }
-        }
+        if (k > 0 && rb > 0) move_rows(d, src, ix.p, k, rb, false, pb);
         outs[g].push_back(dst);
       }
     }
@@ -285,7 +270,7 @@ PyObject* scatter_rows_py(PyObject* /*self*/, PyObject* args) {
       const at::Tensor& src = THPVariable_Unpack(PyTuple_GET_ITEM(pr, 1));
       const int64_t rb = row_bytes(src);
       if (k > 0 && rb > 0)
-        move_rows(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(src.data_ptr()), ix.p, k, rb, true);
+        move_rows(static_cast<char*>(dst.data_ptr()), static_cast<const char*>(src.data_ptr()), ix.p, k, rb, true, rb);
       dst.unsafeGetTensorImpl()->bump_version();  // written in place, as index_copy_ would count it
     }
     Py_RETURN_NONE;
